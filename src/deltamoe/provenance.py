@@ -1,0 +1,130 @@
+"""``deltamoe.json``: where an output came from (tool version, command, inputs and their sha256,
+language -> expert allocation, the stages that produced it) and a short model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from deltamoe import __version__
+from deltamoe.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from deltamoe.errors import CheckpointError
+
+MANIFEST_NAME = "deltamoe.json"
+FORMAT_VERSION = 1
+_CHUNK = 8 * 2**20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)  # hashlib releases the GIL on large buffers: runs beside the main work
+    return h.hexdigest()
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """Path and sha256 of every file that defines a checkpoint's weights and config.
+
+    ``sha256`` is a digest of the sorted ``name:sha256`` lines, one identifier for the model.
+    """
+    names = [CONFIG_NAME, *(p.name for p in ckpt.shard_files)]
+    if (ckpt.path / INDEX_NAME).is_file():
+        names.append(INDEX_NAME)
+    files = {n: sha256_file(ckpt.path / n) for n in sorted(names)}
+    digest = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in files.items()).encode()).hexdigest()
+    return {"path": str(ckpt.path.absolute()), "sha256": digest, "files": files}
+
+
+def hash_in_background(*ckpts: Checkpoint) -> Future[list[dict[str, Any]]]:
+    """Start hashing the inputs on a worker thread; the caller collects the result at the end."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltamoe-sha256")
+    fut = pool.submit(lambda: [describe_checkpoint(c) for c in ckpts])
+    pool.shutdown(wait=False)
+    return fut
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``deltamoe.json`` of a checkpoint directory, or None for a plain HF checkpoint."""
+    p = Path(path) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "stages" not in data:
+        raise CheckpointError(f"{p}: not a deltamoe provenance file (no 'stages')")
+    return data
+
+
+def new_manifest(
+    previous: dict[str, Any] | None,
+    *,
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, dict[str, Any]],
+    command: list[str] | None,
+    moe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Manifest for a new output: the previous stages (if any) plus this one.
+
+    No timestamps: the same command with the same inputs gives byte-identical outputs.
+    """
+    stages = list(previous["stages"]) if previous else []
+    stages.append(
+        {
+            "stage": stage,
+            "deltamoe_version": __version__,
+            "command": command,
+            "params": params,
+            "inputs": inputs,
+        }
+    )
+    out: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "deltamoe_version": __version__,
+        "stage": stage,
+        "stages": stages,
+    }
+    moe = moe if moe is not None else (previous or {}).get("moe")
+    if moe is not None:
+        out["moe"] = moe
+    return out
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    Path(directory, MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write_model_card(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """A short README.md so a checkpoint shared on its own still says what it is."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [deltamoe, mixture-of-experts]",
+        "---",
+        f"# deltamoe output ({manifest['stage']})",
+        "",
+        f"Produced by deltamoe {manifest['deltamoe_version']}. The full provenance (commands, "
+        "parameters, sha256 of every input) is in `deltamoe.json`.",
+        "",
+        "Stages:",
+    ]
+    for s in manifest["stages"]:
+        ins = ", ".join(f"{k}: `{v['path']}` (sha256 {v['sha256'][:12]}…)" for k, v in s["inputs"].items())
+        lines.append(f"- **{s['stage']}** from {ins}")
+    moe = manifest.get("moe")
+    if moe:
+        lines += [
+            "",
+            f"MoE: {moe['num_experts']} experts, top-{moe['top_k']}, family `{moe['family']}` → "
+            f"`{moe['architecture']}`; MoE layers: {moe['moe_layers']}.",
+            f"Expert allocation: {json.dumps(moe['allocation']) if moe['allocation'] else 'none given'}.",
+            "Load with `transformers.AutoModelForCausalLM.from_pretrained(path)`; no remote code needed.",
+        ]
+    Path(directory, "README.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,363 @@
+"""Dense -> MoE upcycling (DESIGN.md §1 step 1).
+
+Every FFN of the chosen layers becomes E experts plus a router. Expert 0 is the original FFN,
+byte for byte; experts 1..E-1 are copies, optionally perturbed (Gaussian noise or
+Drop-Upcycling partial re-initialisation). With identical experts and top-k weights that are
+renormalised to sum to one, the MoE computes exactly what the dense model computes.
+
+The conversion streams: one dense tensor is in memory at a time, and each is read once however
+many experts it is copied into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from deltamoe import arch
+from deltamoe.arch import ROLES, ArchSpec, Role
+from deltamoe.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    DTYPE_NAMES,
+    Checkpoint,
+    ShardedWriter,
+    TensorSpec,
+    atomic_output_dir,
+    check_output,
+    copy_aux_files,
+    dtype_code,
+    open_checkpoint,
+    write_json,
+)
+from deltamoe.errors import CheckpointError, UsageError
+from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
+
+RouterInit = Literal["random", "zero"]
+_LANG = re.compile(r"^[A-Za-z][\w-]*$")
+
+
+def parse_layers(text: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """``None``/``"all"`` -> every layer; ``"0-3,8"`` or a list of ints -> those layers."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
+        return list(range(num_layers))
+    if isinstance(text, str):
+        layers: list[int] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise UsageError(f"--layers: cannot parse {part!r}; use e.g. 'all', '0-7' or '0,2,4-6'")
+            lo, hi = int(m[1]), int(m[2] or m[1])
+            if hi < lo:
+                raise UsageError(f"--layers: empty range {part!r}")
+            layers.extend(range(lo, hi + 1))
+    else:
+        layers = [int(x) for x in text]
+    bad = sorted({x for x in layers if not 0 <= x < num_layers})
+    if bad:
+        raise UsageError(f"--layers: {bad} out of range; the model has layers 0..{num_layers - 1}")
+    if not layers:
+        raise UsageError("--layers: selects no layer")
+    return sorted(set(layers))
+
+
+def parse_allocation(items: Sequence[str]) -> dict[str, list[int]]:
+    """Parse repeated ``LANG=E1,E2`` arguments into ``{lang: [experts]}``."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        lang, sep, experts = item.partition("=")
+        lang = lang.strip()
+        if not sep or not lang:
+            raise UsageError(f"--allocate {item!r}: expected LANG=EXPERTS, e.g. en=0 or el=1,2")
+        if lang in out:
+            raise UsageError(f"--allocate: language {lang!r} given twice")
+        try:
+            out[lang] = [int(e) for e in experts.split(",") if e.strip()]
+        except ValueError:
+            raise UsageError(f"--allocate {item!r}: experts must be integers separated by commas") from None
+    return out
+
+
+def _check_allocation(allocation: Mapping[str, Sequence[int]], num_experts: int) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for lang, experts in allocation.items():
+        if not _LANG.match(lang):
+            raise UsageError(f"allocation: language name {lang!r} must start with a letter (e.g. en, el, zh-Hant)")
+        ids = [int(e) for e in experts]
+        if not ids:
+            raise UsageError(f"allocation: language {lang!r} has no experts")
+        if len(set(ids)) != len(ids):
+            raise UsageError(f"allocation: language {lang!r} lists an expert twice: {ids}")
+        bad = [e for e in ids if not 0 <= e < num_experts]
+        if bad:
+            raise UsageError(f"allocation: language {lang!r} uses expert(s) {bad}; valid ids are 0..{num_experts - 1}")
+        out[lang] = sorted(ids)
+    return out
+
+
+def _generator(seed: int, *parts: object) -> torch.Generator:
+    """A generator whose stream depends only on (seed, parts): order-independent determinism."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    specs: list[TensorSpec]
+    # dense tensor name -> (role, layer) for FFN tensors that fan out into experts
+    ffn: dict[str, tuple[Role, int]]
+    # layer -> names generated from nothing (router, inert tensors), written after its FFN
+    generated: dict[int, list[TensorSpec]]
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _validate_dense(ckpt: Checkpoint) -> None:
+    shapes, optional = arch.expected_dense_tensors(ckpt.config, source=str(ckpt.path / "config.json"))
+    present = set(ckpt.tensors)
+    missing = sorted(set(shapes) - present - optional)
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that the config requires"
+        )
+    unexpected = sorted(present - set(shapes))
+    if unexpected:
+        info = ckpt.tensors[unexpected[0]]
+        raise CheckpointError(
+            f"{info.file}: unexpected tensor(s) {unexpected[:5]} that a {ckpt.config.get('model_type')} "
+            "model with this config does not have"
+        )
+    for name in sorted(present):
+        info = ckpt.tensors[name]
+        if info.spec.shape != shapes[name]:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has shape {list(info.spec.shape)}, but config.json implies "
+                f"{list(shapes[name])}; the shard and the config disagree"
+            )
+
+
+def _build_plan(
+    ckpt: Checkpoint,
+    spec: ArchSpec,
+    moe_cfg: dict[str, Any],
+    expand_layers: list[int],
+    num_experts: int,
+    out_dtype: torch.dtype | None,
+) -> _Plan:
+    ffn: dict[str, tuple[Role, int]] = {}
+    for layer in expand_layers:
+        for role in ROLES:
+            ffn[spec.dense_name(role, layer)] = (role, layer)
+
+    def code(src: str) -> str:
+        d = ckpt.spec(src).dtype
+        return dtype_code(out_dtype) if out_dtype is not None and torch_is_float(d) else d
+
+    float_code = dtype_code(out_dtype) if out_dtype is not None else ckpt.spec(spec.dense_name("gate", 0)).dtype
+    generated: dict[int, list[TensorSpec]] = {}
+    hidden = int(moe_cfg["hidden_size"])
+    for layer in expand_layers:
+        gen = [TensorSpec(spec.router_name(layer), float_code, (num_experts, hidden))]
+        for inert in spec.inert:
+            gen.append(TensorSpec(inert.name.format(layer=layer), float_code, arch.inert_shape(inert, moe_cfg)))
+        generated[layer] = gen
+
+    specs: list[TensorSpec] = []
+    for name in sorted(ckpt.keys(), key=_natural_key):
+        src = ckpt.spec(name)
+        if name in ffn:
+            role, layer = ffn[name]
+            specs += [TensorSpec(spec.expert_name(role, layer, e), code(name), src.shape) for e in range(num_experts)]
+            if role == "down":
+                specs += generated[layer]
+        else:
+            specs.append(TensorSpec(name, code(name), src.shape))
+    return _Plan(specs, ffn, generated)
+
+
+def torch_is_float(code: str) -> bool:
+    return code in ("F64", "F32", "F16", "BF16")
+
+
+def _perturb(
+    w: torch.Tensor, role: Role, layer: int, expert: int, *, noise: float, reinit_ratio: float, seed: int
+) -> torch.Tensor:
+    """A new expert's copy of ``w`` (shape [I, H] for gate/up, [H, I] for down), perturbed in float32.
+
+    Drop-Upcycling re-initialises the same intermediate neurons (rows of gate/up, columns of
+    down) from N(mean, std) of the original matrix; noise adds N(0, (noise * std)^2).
+    """
+    x = w.float().clone()
+    std = x.std().item() if x.numel() > 1 else 0.0
+    if reinit_ratio > 0:
+        n_inter = x.shape[1] if role == "down" else x.shape[0]
+        k = round(reinit_ratio * n_inter)
+        idx = torch.randperm(n_inter, generator=_generator(seed, "drop", layer, expert))[:k]
+        g = _generator(seed, "reinit", layer, expert, role)
+        mean = x.mean().item()
+        if role == "down":
+            x[:, idx] = torch.randn((x.shape[0], k), generator=g) * std + mean
+        else:
+            x[idx, :] = torch.randn((k, x.shape[1]), generator=g) * std + mean
+    if noise > 0:
+        x += torch.randn(x.shape, generator=_generator(seed, "noise", layer, expert, role)) * (noise * std)
+    return x.to(w.dtype)
+
+
+def upcycle(
+    dense: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    num_experts: int,
+    top_k: int,
+    layers: str | Sequence[int] | None = None,
+    allocation: Mapping[str, Sequence[int]] | None = None,
+    router_init: RouterInit = "random",
+    router_std: float | None = None,
+    noise: float = 0.0,
+    reinit_ratio: float = 0.0,
+    seed: int = 0,
+    dtype: str = "auto",
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> Path:
+    """Upcycle the dense checkpoint ``dense`` into an MoE checkpoint at ``out``; return ``out``.
+
+    Args:
+        num_experts: experts per MoE layer (E >= 2); expert 0 is the original FFN.
+        top_k: experts per token (1 <= K <= E).
+        layers: which layers become MoE ("all", "0-7,12", or a list); default all. In
+            architectures without per-layer dense FFNs (Mixtral) the other layers get E exact
+            copies and a zero router, which computes the dense FFN; they are listed as
+            ``replicated_layers`` in ``deltamoe.json`` so training keeps them frozen.
+        allocation: language -> expert ids, recorded for training (language-prior routing).
+        router_init: "random" (N(0, router_std), seeded) or "zero" (uniform routing).
+        router_std: std of the random router; default the config's initializer_range or 0.02.
+        noise: Gaussian noise on new experts, relative to each matrix's std (0 = exact copies).
+        reinit_ratio: Drop-Upcycling: fraction of intermediate neurons of each new expert
+            re-initialised from the matrix's mean/std (0 = none).
+        seed: seeds every random choice; same inputs and seed give byte-identical shards.
+        dtype: "auto" (keep stored dtype), "float32", "bfloat16" or "float16".
+        force: replace an existing ``out``.
+        max_shard_bytes: shard size budget (default 5 GB).
+    """
+    if num_experts < 2:
+        raise UsageError(f"--experts must be at least 2, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise UsageError(f"--top-k must be between 1 and --experts ({num_experts}), got {top_k}")
+    if router_init not in ("random", "zero"):
+        raise UsageError(f"--router-init must be 'random' or 'zero', got {router_init!r}")
+    if noise < 0:
+        raise UsageError(f"--noise must be >= 0, got {noise}")
+    if not 0 <= reinit_ratio <= 1:
+        raise UsageError(f"--reinit-ratio must be in [0, 1], got {reinit_ratio}")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+    alloc = _check_allocation(allocation or {}, num_experts)
+    out_path = check_output(out, force=force)
+
+    ckpt = open_checkpoint(dense)
+    source = str(ckpt.path / "config.json")
+    spec = arch.arch_for(ckpt.config, source=source)
+    _validate_dense(ckpt)
+    n_layers = arch.num_layers(ckpt.config, source=source)
+    moe_layers = parse_layers(layers, n_layers)
+    # Without per-layer dense FFNs in the target architecture, the remaining layers are replicated.
+    replicated = [] if spec.config.dense_layers_field else [i for i in range(n_layers) if i not in moe_layers]
+    expand = sorted(moe_layers + replicated)
+    out_dtype = DTYPE_NAMES[dtype] if dtype != "auto" else None
+    stored = ckpt.spec(spec.dense_name("gate", 0)).dtype
+    dtype_name = dtype if dtype != "auto" else {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored)
+    moe_cfg = arch.moe_config(
+        spec, ckpt.config, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+        dtype_name=dtype_name, source=source,
+    )
+    plan = _build_plan(ckpt, spec, moe_cfg, expand, num_experts, out_dtype)
+    std = router_std if router_std is not None else float(ckpt.config.get("initializer_range", 0.02))
+    perturb = noise > 0 or reinit_ratio > 0
+
+    params = {
+        "num_experts": num_experts, "top_k": top_k, "layers": moe_layers, "router_init": router_init,
+        "router_std": std, "noise": noise, "reinit_ratio": reinit_ratio, "seed": seed, "dtype": dtype,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    moe_info = {
+        "family": spec.family,
+        "architecture": spec.moe_architecture,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "moe_layers": moe_layers,
+        "replicated_layers": replicated,
+        "original_experts": [0],
+        "new_experts": list(range(1, num_experts)),
+        "allocation": alloc,
+        "names": {
+            "dense_ffn": dict(spec.dense_ffn),
+            "expert_ffn": dict(spec.expert_ffn),
+            "router": spec.router,
+            "inert": [i.name for i in spec.inert],
+        },
+    }
+    hashes = hash_in_background(ckpt)
+    total = sum(s.nbytes for s in plan.specs)
+    with atomic_output_dir(out_path, force=force) as tmp:
+        writer = ShardedWriter(tmp, plan.specs, max_shard_bytes=max_shard_bytes)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="upcycle", disable=not progress, file=sys.stderr)
+        try:
+            for name in sorted(ckpt.keys(), key=_natural_key):
+                t = ckpt.read(name)
+                if out_dtype is not None and t.is_floating_point():
+                    t = t.to(out_dtype)
+                if name not in plan.ffn:
+                    writer.write(name, t)
+                    bar.update(t.nbytes)
+                    continue
+                role, layer = plan.ffn[name]
+                is_moe = layer in moe_layers
+                for e in range(num_experts):
+                    w = t
+                    if e > 0 and is_moe and perturb:
+                        w = _perturb(t, role, layer, e, noise=noise, reinit_ratio=reinit_ratio, seed=seed)
+                    writer.write(spec.expert_name(role, layer, e), w)
+                    bar.update(w.nbytes)
+                if role == "down":
+                    for g in plan.generated[layer]:
+                        writer.write(g.name, _generated(g, spec, layer, router_init if is_moe else "zero", std, seed))
+                        bar.update(g.nbytes)
+                del t
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        write_json(tmp / "config.json", moe_cfg)
+        copy_aux_files(ckpt, tmp)
+        manifest = new_manifest(
+            None, stage="upcycle", params=params, inputs={"dense": hashes.result()[0]},
+            command=command, moe=moe_info,
+        )
+        write_manifest(tmp, manifest)
+        write_model_card(tmp, manifest)
+    return out_path
+
+
+def _generated(g: TensorSpec, spec: ArchSpec, layer: int, router_init: str, std: float, seed: int) -> torch.Tensor:
+    from deltamoe.checkpoint import torch_dtype
+
+    dt = torch_dtype(g.dtype)
+    if g.name == spec.router_name(layer) and router_init == "random":
+        return (torch.randn(g.shape, generator=_generator(seed, "router", layer)) * std).to(dt)
+    return torch.zeros(g.shape, dtype=dt)  # zero router = uniform routing; inert tensors add exactly 0
