@@ -36,6 +36,7 @@ from deltamoe.checkpoint import (
     copy_aux_files,
     dtype_code,
     open_checkpoint,
+    torch_dtype,
     write_json,
 )
 from deltamoe.errors import CheckpointError, UsageError
@@ -118,6 +119,10 @@ class _Plan:
     generated: dict[int, list[TensorSpec]]
 
 
+def _is_float(code: str) -> bool:
+    return code in ("F64", "F32", "F16", "BF16")
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
@@ -161,7 +166,7 @@ def _build_plan(
 
     def code(src: str) -> str:
         d = ckpt.spec(src).dtype
-        return dtype_code(out_dtype) if out_dtype is not None and torch_is_float(d) else d
+        return dtype_code(out_dtype) if out_dtype is not None and _is_float(d) else d
 
     float_code = dtype_code(out_dtype) if out_dtype is not None else ckpt.spec(spec.dense_name("gate", 0)).dtype
     generated: dict[int, list[TensorSpec]] = {}
@@ -183,10 +188,6 @@ def _build_plan(
         else:
             specs.append(TensorSpec(name, code(name), src.shape))
     return _Plan(specs, ffn, generated)
-
-
-def torch_is_float(code: str) -> bool:
-    return code in ("F64", "F32", "F16", "BF16")
 
 
 def _perturb(
@@ -355,8 +356,6 @@ def upcycle(
 
 
 def _generated(g: TensorSpec, spec: ArchSpec, layer: int, router_init: str, std: float, seed: int) -> torch.Tensor:
-    from deltamoe.checkpoint import torch_dtype
-
     dt = torch_dtype(g.dtype)
     if g.name == spec.router_name(layer) and router_init == "random":
         return (torch.randn(g.shape, generator=_generator(seed, "router", layer)) * std).to(dt)
