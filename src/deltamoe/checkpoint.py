@@ -375,6 +375,7 @@ class ShardedWriter:
                 self.weight_map[spec.name] = fname
                 self.total_size += spec.nbytes
         self._pending = set(self._slots)
+        self._rows_done: dict[str, int] = {}  # rows received by write_rows, per tensor
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store ``tensor`` (dtype and shape must match the plan) at its planned place."""
@@ -394,6 +395,41 @@ class ShardedWriter:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
         self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Store rows ``start:start + len(rows)`` (along dim 0) of a planned tensor.
+
+        Lets a streaming caller write a large tensor in pieces; the tensor counts as written
+        once all of its rows have arrived (each row exactly once).
+        """
+        try:
+            fd, offset, spec = self._slots[name]
+        except KeyError:
+            raise ValueError(f"tensor {name!r} is not in the write plan") from None
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} written twice")
+        n = rows.shape[0] if rows.dim() else 0
+        if (
+            not spec.shape
+            or dtype_code(rows.dtype) != spec.dtype
+            or tuple(rows.shape[1:]) != spec.shape[1:]
+            or not 0 <= start <= start + n <= spec.shape[0]
+        ):
+            raise ValueError(
+                f"tensor {name!r}: rows {start}:{start + n} of {dtype_code(rows.dtype)} {list(rows.shape)} "
+                f"do not fit the planned {spec.dtype} {list(spec.shape)}"
+            )
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        data = _tensor_bytes(rows.cpu())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + start * row_bytes + done)
+        got = self._rows_done.get(name, 0) + n
+        if got > spec.shape[0]:
+            raise ValueError(f"tensor {name!r}: more rows written than planned ({got} > {spec.shape[0]})")
+        self._rows_done[name] = got
+        if got == spec.shape[0]:
+            self._pending.discard(name)
 
     def close(self) -> None:
         """Check that every planned tensor was written, flush, and write the index."""
@@ -428,8 +464,10 @@ def check_output(out: str | os.PathLike[str], *, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; refusing to replace it")
     parent = out.parent
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: cannot write there ({parent} is not a directory)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: cannot write there ({parent} is not writable)")
     return out

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe import arch
+from deltamoe._memory import return_large_frees_to_os
 from deltamoe.arch import ROLES, ArchSpec, Role
 from deltamoe.checkpoint import (
     DEFAULT_SHARD_BYTES,
@@ -43,6 +44,7 @@ from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
 RouterInit = Literal["random", "zero"]
+_NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)
 _LANG = re.compile(r"^[A-Za-z][\w-]*$")
 
 
@@ -211,7 +213,11 @@ def _perturb(
         else:
             x[idx, :] = torch.randn((k, x.shape[1]), generator=g) * std + mean
     if noise > 0:
-        x += torch.randn(x.shape, generator=_generator(seed, "noise", layer, expert, role)) * (noise * std)
+        g = _generator(seed, "noise", layer, expert, role)
+        # in place and in row blocks, so that no third full-size matrix is ever allocated
+        rows = max(1, _NOISE_BLOCK // max(1, x[0].numel()))
+        for block in x.split(rows):
+            block.add_(torch.randn(block.shape, generator=g).mul_(noise * std))
     return x.to(w.dtype)
 
 
@@ -268,6 +274,7 @@ def upcycle(
         raise UsageError(f"--dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     alloc = _check_allocation(allocation or {}, num_experts)
     out_path = check_output(out, force=force)
+    return_large_frees_to_os()
 
     ckpt = open_checkpoint(dense)
     source = str(ckpt.path / "config.json")

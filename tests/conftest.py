@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_dense  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def dense_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory for tiny dense checkpoints, built once per variant (and options) per test session."""
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("dense")
+
+    def get(variant: str, **kwargs) -> Path:
+        key = (variant, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            cache[key] = make_dense(variant, root / f"{variant}-{len(cache)}", **kwargs)
+        return cache[key]
+
+    return get
