@@ -239,12 +239,17 @@ def expected_dense_tensors(config: dict[str, Any], *, source: str = "config.json
     optional names are tied parameters that checkpoints may omit.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        cfg = AutoConfig.for_model(**config)
+        # Import just this family's classes: the Auto* factories import far more (seconds).
+        model_type = config["model_type"]
+        cfg = CONFIG_MAPPING[model_type](**{k: v for k, v in config.items() if k != "model_type"})
+        model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = model_cls(cfg)
     except Exception as e:
         raise ArchitectureError(f"{source}: transformers cannot build a model from this config: {e}") from None
     shapes: dict[str, tuple[int, ...]] = {}

@@ -19,6 +19,7 @@ with instructions for converting it.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -309,6 +310,35 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
 
 
 # -- writing ---------------------------------------------------------------------------
+_COPY_FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+
+
+def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
+    """Copy ``n`` bytes between files, in the kernel where the platform allows it."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < n:
+                k = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+                if k == 0:
+                    raise CheckpointError(f"unexpected end of file after {done} of {n} bytes")
+                done += k
+            return
+        except OSError as e:
+            if e.errno not in _COPY_FALLBACK:
+                raise
+    buf = bytearray(min(n - done, 16 * 2**20) or 1)
+    view = memoryview(buf)
+    while done < n:
+        k = os.preadv(src_fd, [view[: n - done]], src_off + done)
+        if k <= 0:
+            raise CheckpointError(f"unexpected end of file after {done} of {n} bytes")
+        w = 0
+        while w < k:
+            w += os.pwrite(dst_fd, view[w:k], dst_off + done + w)
+        done += k
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -379,12 +409,7 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store ``tensor`` (dtype and shape must match the plan) at its planned place."""
-        try:
-            fd, offset, spec = self._slots[name]
-        except KeyError:
-            raise ValueError(f"tensor {name!r} is not in the write plan") from None
-        if name not in self._pending:
-            raise ValueError(f"tensor {name!r} written twice")
+        fd, offset, spec = self._take(name)
         if dtype_code(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(
                 f"tensor {name!r}: got {dtype_code(tensor.dtype)} {list(tensor.shape)}, "
@@ -430,6 +455,31 @@ class ShardedWriter:
         self._rows_done[name] = got
         if got == spec.shape[0]:
             self._pending.discard(name)
+
+    def copy_from(self, name: str, src: TensorInfo) -> None:
+        """Store the stored bytes of ``src`` unchanged (same dtype and shape) without passing
+        through user memory: ``copy_file_range`` copies inside the kernel."""
+        fd, offset, spec = self._take(name)
+        if src.spec.dtype != spec.dtype or src.spec.shape != spec.shape:
+            raise ValueError(
+                f"tensor {name!r}: source {src.spec.dtype} {list(src.spec.shape)}, planned {spec.dtype} {list(spec.shape)}"
+            )
+        with open(src.file, "rb", buffering=0) as f:
+            _copy_range(f.fileno(), src.offset, fd, offset, spec.nbytes)
+        self._pending.discard(name)
+
+    def spec(self, name: str) -> TensorSpec:
+        """The planned spec of ``name``."""
+        return self._slots[name][2]
+
+    def _take(self, name: str) -> tuple[int, int, TensorSpec]:
+        try:
+            slot = self._slots[name]
+        except KeyError:
+            raise ValueError(f"tensor {name!r} is not in the write plan") from None
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} written twice")
+        return slot
 
     def close(self) -> None:
         """Check that every planned tensor was written, flush, and write the index."""

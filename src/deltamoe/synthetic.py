@@ -81,4 +81,15 @@ def write_dense(
         writer.write(name, t.to(dtype))
     writer.close()
     write_json(out / "config.json", config)
+    write_tokenizer(out, v)
     return out
+
+
+def write_tokenizer(path: str | os.PathLike[str], vocab_size: int) -> None:
+    """A word-level tokenizer with ``vocab_size`` tokens, so tools that insist on a tokenizer can run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", bos_token="t2").save_pretrained(path)

@@ -325,24 +325,27 @@ def upcycle(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="upcycle", disable=not progress, file=sys.stderr)
         try:
             for name in sorted(ckpt.keys(), key=_natural_key):
-                t = ckpt.read(name)
-                if out_dtype is not None and t.is_floating_point():
-                    t = t.to(out_dtype)
-                if name not in plan.ffn:
-                    writer.write(name, t)
-                    bar.update(t.nbytes)
-                    continue
-                role, layer = plan.ffn[name]
-                is_moe = layer in moe_layers
-                for e in range(num_experts):
-                    w = t
-                    if e > 0 and is_moe and perturb:
-                        w = _perturb(t, role, layer, e, noise=noise, reinit_ratio=reinit_ratio, seed=seed)
-                    writer.write(spec.expert_name(role, layer, e), w)
-                    bar.update(w.nbytes)
+                info = ckpt.tensors[name]
+                role, layer = plan.ffn.get(name, (None, -1))
+                targets = [name] if role is None else [spec.expert_name(role, layer, e) for e in range(num_experts)]
+                perturbed = role is not None and layer in moe_layers and perturb
+                t = None
+                for e, target in enumerate(targets):
+                    if writer.spec(target).dtype == info.spec.dtype and not (perturbed and e > 0):
+                        writer.copy_from(target, info)  # unchanged bytes: copied in the kernel
+                    else:
+                        if t is None:
+                            t = ckpt.read(name)
+                            if out_dtype is not None and t.is_floating_point():
+                                t = t.to(out_dtype)
+                        w = t
+                        if perturbed and e > 0:
+                            w = _perturb(t, role, layer, e, noise=noise, reinit_ratio=reinit_ratio, seed=seed)
+                        writer.write(target, w)
+                    bar.update(writer.spec(target).nbytes)
                 if role == "down":
                     for g in plan.generated[layer]:
-                        writer.write(g.name, _generated(g, spec, layer, router_init if is_moe else "zero", std, seed))
+                        writer.write(g.name, _generated(g, spec, layer, router_init if layer in moe_layers else "zero", std, seed))
                         bar.update(g.nbytes)
                 del t
             writer.close()
