@@ -132,6 +132,225 @@ def archs() -> None:
         typer.echo(f"{', '.join(spec.dense_model_types):16} -> {spec.moe_architecture:22} {spec.description}")
 
 
+class NewRowsChoice(str, Enum):
+    post = "post"
+    mean = "mean"
+    error = "error"
+
+
+class MergeMethodChoice(str, Enum):
+    paramdelta = "paramdelta"
+    task_arithmetic = "task_arithmetic"
+    ties = "ties"
+    dare_linear = "dare_linear"
+    dare_ties = "dare_ties"
+
+
+class RescaleChoice(str, Enum):
+    l1 = "l1"
+    inverse = "inverse"
+    none = "none"
+
+
+_NEW_ROWS_HELP = "Vocabulary rows P has and B lacks: P's values (post), the mean of the other rows, or error."
+
+
+@app.command()
+@_reports_errors
+def graft(
+    out: Annotated[Path, typer.Argument(help="Output directory for the grafted MoE.")],
+    moe: Annotated[str, typer.Option("--moe", "-m", help="The MoE M (upcycled from B, usually continued-pretrained).")],
+    base: Annotated[str | None, typer.Option("--base", "-b", help="Base dense model B.")] = None,
+    post: Annotated[str | None, typer.Option("--post", "-p", help="Post-trained (instruct) model P.")] = None,
+    delta: Annotated[
+        str | None, typer.Option("--delta", "-d", help="Delta artifact from 'deltamoe delta extract' (instead of B and P).")
+    ] = None,
+    experts: Annotated[
+        str, typer.Option(help="Experts that get the FFN delta: all, original, new, or ids like 0,2,3.")
+    ] = "all",
+    scale: Annotated[float, typer.Option(help="Factor alpha on the FFN delta in the chosen experts.")] = 1.0,
+    new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
+    check_base: Annotated[
+        bool, typer.Option(help="Refuse a B whose sha256 differs from the dense model M was upcycled from.")
+    ] = True,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps M's).")] = DtypeChoice.auto,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B)."""
+    from deltamoe.delta import graft as run
+
+    path = run(
+        moe, out, base=base, post=post, delta=delta, experts=experts, scale=scale, new_rows=new_rows.value,
+        dtype=dtype.value, check_base=check_base, force=force, max_shard_bytes=parse_size(shard_size),
+        progress=not quiet, command=["deltamoe", *sys.argv[1:]],
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_reports_errors
+def merge(
+    out: Annotated[Path, typer.Argument(help="Output directory for the merged dense model.")],
+    method: Annotated[MergeMethodChoice, typer.Option("--method", help="Merge method.")],
+    model: Annotated[
+        list[str],
+        typer.Option("--model", help="PATH[:WEIGHT], repeatable. paramdelta: --model C --model P (P last)."),
+    ],
+    base: Annotated[str | None, typer.Option("--base", "-b", help="Common base model B.")] = None,
+    delta: Annotated[
+        str | None, typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT]: one more task vector (paramdelta: C + D).")
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="ties/dare: fraction of each task vector kept.")] = None,
+    lambda_: Annotated[float, typer.Option("--lambda", help="Factor on the combined task vector.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random masks.")] = 0,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="Divide by the sum of weights (default: ties only).")
+    ] = None,
+    rescale: Annotated[
+        RescaleChoice, typer.Option(help="DARE rescaling: keep L1 norm (l1, as mergekit), 1/density (inverse), none.")
+    ] = RescaleChoice.l1,
+    new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
+    tokenizer_from: Annotated[
+        str | None, typer.Option(help="Input whose tokenizer/chat template/config to copy (default: --delta, else last --model).")
+    ] = None,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps the first model's).")] = DtypeChoice.auto,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Dense data-free merge baselines: paramdelta (C + P - B), task_arithmetic, ties, dare_linear, dare_ties."""
+    from deltamoe.merge import merge as run
+
+    path = run(
+        model, out, method=method.value, base=base, delta=delta, density=density, lambda_=lambda_, seed=seed,
+        normalize=normalize, rescale=rescale.value, new_rows=new_rows.value, tokenizer_from=tokenizer_from,
+        dtype=dtype.value, force=force, max_shard_bytes=parse_size(shard_size), progress=not quiet,
+        command=["deltamoe", *sys.argv[1:]],
+    )
+    typer.echo(f"wrote {path}")
+
+
+delta_app = typer.Typer(help="The post-training delta P - B as a reusable artifact.", no_args_is_help=True)
+app.add_typer(delta_app, name="delta")
+
+
+@delta_app.command("extract")
+@_reports_errors
+def delta_extract(
+    out: Annotated[Path, typer.Argument(help="Output directory for the delta artifact.")],
+    base: Annotated[str, typer.Option("--base", "-b", help="Base dense model B.")],
+    post: Annotated[str, typer.Option("--post", "-p", help="Post-trained model P.")],
+    dtype: Annotated[
+        DtypeChoice, typer.Option(help="Storage dtype of the delta (float32 stores it exactly).")
+    ] = DtypeChoice.float32,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write P - B once (with P's tokenizer, chat template and provenance) for grafting onto many MoEs."""
+    from deltamoe.delta import extract_delta
+    from deltamoe.errors import UsageError
+
+    if dtype == DtypeChoice.auto:
+        raise UsageError("--dtype for a delta must be float32, bfloat16 or float16")
+    path = extract_delta(
+        base, post, out, dtype=dtype.value, force=force, max_shard_bytes=parse_size(shard_size),
+        progress=not quiet, command=["deltamoe", *sys.argv[1:]],
+    )
+    typer.echo(f"wrote {path}")
+
+
+toy_app = typer.Typer(help="The toy multilingual world: corpora, tokenizer, tiny base and instruct models.",
+                      no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+class ToySizeChoice(str, Enum):
+    tiny = "tiny"
+    small = "small"
+
+
+@toy_app.command("build")
+@_reports_errors
+def toy_build(
+    out: Annotated[Path, typer.Argument(help="Output directory (a build with the same seed and size there is reused).")],
+    size: Annotated[ToySizeChoice, typer.Option(help="tiny: tests (~3 min on 2 cores); small: the demo (~8 min).")] = (
+        ToySizeChoice.tiny),
+    seed: Annotated[int, typer.Option(help="Seed for the world, the corpora and training.")] = 0,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads while training (default: min(2, cores)); part of what makes a build reproducible.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds something else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Generate the toy world, train its tokenizer, pre-train the base and post-train the instruct model."""
+    from deltamoe.toy import build
+
+    path = build(out, size.value, seed, force=force, progress=not quiet, threads=threads,
+                 command=["deltamoe", *sys.argv[1:]])
+    typer.echo(f"toy world in {path} (models: {path / 'base'}, {path / 'instruct'})")
+
+
+@toy_app.command("export-lm-eval")
+@_reports_errors
+def toy_export_lm_eval(
+    toy_dir: Annotated[Path, typer.Argument(help="A directory written by 'deltamoe toy build'.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the lm-eval task YAMLs and their data.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Export the toy evaluation sets as lm-eval tasks (use with lm_eval --include_path OUT --apply_chat_template)."""
+    from deltamoe.evaluate import export_lm_eval
+
+    info = export_lm_eval(toy_dir, out, force=force)
+    typer.echo(f"wrote {len(info['tasks'])} tasks and {len(info['groups'])} groups to {info['out']}")
+    typer.echo(f"run: lm_eval --model hf --model_args pretrained=MODEL --include_path {info['out']} "
+               "--tasks deltamoe_toy_qa --apply_chat_template")
+
+
+@app.command("eval")
+@_reports_errors
+def eval_(
+    model: Annotated[Path, typer.Argument(help="Checkpoint directory to evaluate.")],
+    suite: Annotated[str, typer.Option(help="Evaluation suite (available: toy).")] = "toy",
+    data: Annotated[
+        Path | None, typer.Option(help="Toy world directory (default: found from the model's location or provenance).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where results.json goes (default: MODEL/eval/SUITE).")] = None,
+    lang: Annotated[list[str] | None, typer.Option("--lang", help="Only these languages (repeatable).")] = None,
+    qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Chat QA (needs a chat template).")] = True,
+    batch_size: Annotated[int, typer.Option(help="Prompts/texts per forward pass.")] = 16,
+    max_items: Annotated[int | None, typer.Option(help="At most this many items per task and language.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Per language: chat QA accuracy, perplexity and (MoE) tokens per expert; writes results.json and prints a table."""
+    from deltamoe.evaluate import evaluate, format_table
+
+    results = evaluate(model, suite, data=data, out=out, languages=lang or None, qa=qa, batch_size=batch_size,
+                       max_items=max_items, progress=not quiet)
+    typer.echo(format_table(results))
+    typer.echo(f"wrote {Path(results['out']) / 'results.json'}")
+
+
+@app.command()
+@_reports_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its models.")] = Path("deltamoe-demo"),
+) -> None:
+    """Run the main job on built-in synthetic data (no downloads) and print the result table."""
+    from deltamoe.demo import run_demo
+
+    rows = run_demo(workdir)
+    typer.echo(f"{'experts':>7} {'top-k':>5}  {'architecture':20} {'max |Δlogits|':>14}  greedy identical")
+    for r in rows:
+        typer.echo(f"{r['experts']:>7} {r['top_k']:>5}  {r['architecture']:20} {r['max_abs_dlogits']:>14.2e}  {r['greedy_identical']}")
+    ok = all(r["greedy_identical"] and r["max_abs_dlogits"] <= 1e-5 for r in rows)
+    typer.echo(f"\nupcycled models are {'exact' if ok else 'NOT exact'}; outputs in {workdir.absolute()}")
+    if not ok:
+        raise typer.Exit(1)
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
