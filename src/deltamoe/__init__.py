@@ -15,6 +15,7 @@ _LAZY = {
     "upcycle": "deltamoe.upcycle",
     "open_checkpoint": "deltamoe.checkpoint",
     "DeltaMoEError": "deltamoe.errors",
+    "train": "deltamoe.train",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -21,3 +21,7 @@ class OutputError(DeltaMoEError):
 
 class UsageError(DeltaMoEError):
     """An argument value is out of range or inconsistent with another one."""
+
+
+class DataError(DeltaMoEError):
+    """A training or evaluation corpus is missing, empty, or holds records the run cannot use."""

@@ -1,0 +1,338 @@
+"""The training configuration: one strict schema per stage, loaded from YAML.
+
+``stage: post_pretrain`` (DESIGN.md §1 step 2) and ``stage: router_review`` (step 3) share the
+same sections; they differ only in their defaults (which losses are on, what trains). Every
+model is frozen and forbids unknown keys, so a misspelt field is an error that names it
+(``train.lrr: unknown field (did you mean 'lr'?)``) instead of a silently ignored setting.
+
+Relative paths in a YAML file are resolved against the directory of that file, so a config
+and its data can move together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from deltamoe.errors import UsageError
+
+Stage = Literal["post_pretrain", "router_review"]
+STAGES: tuple[str, ...] = ("post_pretrain", "router_review")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """One text source. Records are documents; each carries a language tag or none."""
+
+    path: str = Field(description="File, glob, or directory (any local path `datasets` can load).")
+    format: Literal["auto", "jsonl", "txt", "parquet", "datasets"] = Field(
+        "auto", description="auto: from the suffix (.jsonl/.json, .txt, .parquet; a directory -> datasets)."
+    )
+    lang: str | None = Field(None, description="Language of records that carry no tag of their own; None = untagged.")
+    text_field: str = Field("text", description="Field holding the document text (jsonl, parquet, datasets).")
+    lang_field: str | None = Field("lang", description="Per-record language field; None ignores record tags.")
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line", description="txt only: a document is a line, a blank-line separated paragraph, or the whole file."
+    )
+    split: str = Field("train", description="datasets only: the split to read.")
+    weight: float | None = Field(None, gt=0, description="Mixing weight (documents are drawn in proportion).")
+    tokens: int | None = Field(None, gt=0, description="Token budget: this source contributes exactly this many tokens.")
+    eval_only: bool = Field(False, description="Held-out evaluation only; never trained on.")
+
+    @model_validator(mode="after")
+    def _one_mixing(self) -> SourceConfig:
+        if self.weight is not None and self.tokens is not None:
+            raise ValueError("give 'weight' or 'tokens', not both")
+        if self.eval_only and (self.weight is not None or self.tokens is not None):
+            raise ValueError("an eval_only source takes no 'weight' or 'tokens'")
+        return self
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    seq_len: int = Field(gt=1, description="Tokens per packed training sequence.")
+    heldout_fraction: float = Field(
+        0.01, ge=0.0, lt=1.0, description="Share of each source's documents held out (chosen by a seeded hash)."
+    )
+    heldout_max_tokens: int = Field(
+        100_000, ge=0, description="Cap on held-out tokens per source; held-out documents past it are dropped."
+    )
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS to every document.")
+    shuffle_buffer: int = Field(
+        0, ge=0, description="Shuffle training documents through a buffer of this many (0: stream order)."
+    )
+
+    @model_validator(mode="after")
+    def _mixing(self) -> DataConfig:
+        train = [s for s in self.sources if not s.eval_only]
+        if not train:
+            raise ValueError("sources: every source is eval_only; at least one must be trained on")
+        budgets = [s.tokens is not None for s in train]
+        if any(budgets) and not all(budgets):
+            raise ValueError("sources: mix by 'weight' or by 'tokens' budgets, not both (every training source needs a budget)")
+        return self
+
+    @property
+    def by_budget(self) -> bool:
+        return any(s.tokens is not None for s in self.sources)
+
+
+class TrainingConfig(_Strict):
+    steps: int | None = Field(
+        None, gt=0, description="Optimizer steps. Required with weights; default with budgets: as many as the budgets fill."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine only: final lr as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay of trainable matrices (never of norms).")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; None = no clipping.")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32", description="bf16 = mixed precision: float32 weights and optimizer, bf16 autocast compute."
+    )
+    gradient_checkpointing: bool = False
+
+
+class LossConfig(_Strict):
+    lm: float = Field(1.0, ge=0.0, description="Next-token loss.")
+    balance: float = Field(ge=0.0, description="Load-balancing loss (Switch/Mixtral), averaged over MoE layers.")
+    lpr: float = Field(ge=0.0, description="Language-prior routing loss: -log sum of allocated experts' probabilities.")
+
+
+class PostPretrainLosses(LossConfig):
+    balance: float = Field(0.01, ge=0.0)
+    lpr: float = Field(0.0, ge=0.0)
+
+
+class RouterReviewLosses(LossConfig):
+    balance: float = Field(0.0, ge=0.0)
+    lpr: float = Field(0.1, ge=0.0)
+
+
+class TrainableConfig(_Strict):
+    """What trains. Expert 0 (the original FFN), inert tensors, dense FFNs and the FFNs of
+    ``replicated_layers`` never do."""
+
+    new_experts: bool
+    routers: bool = True
+    attention: bool = False
+    norms: bool = False
+    embeddings: bool = Field(False, description="Input embeddings and LM head.")
+
+
+class PostPretrainTrainable(TrainableConfig):
+    new_experts: bool = True
+
+
+class RouterReviewTrainable(TrainableConfig):
+    new_experts: bool = False
+
+
+class CheckpointConfig(_Strict):
+    every: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N steps (None: only when stopped).")
+    keep_last: int = Field(2, gt=0)
+    resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir, if any), 'never', or a checkpoint path.")
+
+
+class LoggingConfig(_Strict):
+    every: int = Field(10, gt=0, description="Log training losses and routing fractions every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Held-out evaluation every N steps (always at start and end).")
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class _StageConfig(_Strict):
+    model: str = Field(description="The upcycled MoE checkpoint (or the previous stage's output).")
+    output: str = Field(description="Output directory for the trained MoE.")
+    run_dir: str | None = Field(None, description="Logs and checkpoints; default '<output>.run'.")
+    seed: int = 0
+    data: DataConfig
+    train: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _steps(self) -> _StageConfig:
+        if self.train.steps is None and not self.data.by_budget:
+            raise ValueError("train.steps is required when sources are mixed by weight (or give token budgets)")
+        if self.train.warmup_steps and self.train.steps and self.train.warmup_steps > self.train.steps:
+            raise ValueError(f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps ({self.train.steps})")
+        return self
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.output + ".run")
+
+
+class PostPretrainConfig(_StageConfig):
+    """Stage 1: train the new experts and the routers on new-language text."""
+
+    stage: Literal["post_pretrain"]
+    losses: PostPretrainLosses = PostPretrainLosses()
+    trainable: PostPretrainTrainable = PostPretrainTrainable()
+
+
+class RouterReviewConfig(_StageConfig):
+    """Stage 2: train the routers only, on a small replay mix, with language-prior routing."""
+
+    stage: Literal["router_review"]
+    losses: RouterReviewLosses = RouterReviewLosses()
+    trainable: RouterReviewTrainable = RouterReviewTrainable()
+
+
+StageConfig = Annotated[Union[PostPretrainConfig, RouterReviewConfig], Field(discriminator="stage")]  # noqa: UP007
+_ADAPTER: TypeAdapter[PostPretrainConfig | RouterReviewConfig] = TypeAdapter(StageConfig)
+AnyStageConfig = PostPretrainConfig | RouterReviewConfig
+
+_PATH_KEYS = ("model", "output", "run_dir")
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative paths in a YAML dict relative to ``base`` (the YAML file's directory)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)):
+            return str(base / v)
+        return os.path.expanduser(v) if isinstance(v, str) else v
+
+    out = dict(raw)
+    for k in _PATH_KEYS:
+        if k in out:
+            out[k] = fix(out[k])
+    data = out.get("data")
+    if isinstance(data, dict) and isinstance(data.get("sources"), list):
+        data = dict(data)
+        data["sources"] = [
+            {**s, "path": fix(s["path"])} if isinstance(s, dict) and "path" in s else s for s in data["sources"]
+        ]
+        out["data"] = data
+    ck = out.get("checkpoint")
+    if isinstance(ck, dict) and isinstance(ck.get("resume"), str) and ck["resume"] not in ("auto", "never"):
+        out["checkpoint"] = {**ck, "resume": fix(ck["resume"])}
+    return out
+
+
+def _fields_at(stage: str | None, loc: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the model at ``loc`` (for 'did you mean' suggestions)."""
+    cls: Any = {"post_pretrain": PostPretrainConfig, "router_review": RouterReviewConfig}.get(stage or "")
+    if cls is None:
+        return []
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+            cls = inner[0]  # list[SourceConfig]
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        stage = loc[0] if loc and loc[0] in STAGES else None
+        if stage:
+            loc = loc[1:]
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(stage, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else (f"; valid fields: {', '.join(known)}" if known else "")
+            lines.append(f"{where}: unknown field{hint}")
+        elif kind == "union_tag_not_found":
+            lines.append(f"stage: required; one of {', '.join(STAGES)}")
+        elif kind == "union_tag_invalid":
+            lines.append(f"stage: {err['input'].get('stage')!r} is not a stage; use one of {', '.join(STAGES)}")
+        elif kind == "missing":
+            lines.append(f"{where}: required field is missing")
+        else:
+            lines.append(f"{where}: {err['msg']}")
+    return f"{source}: invalid training config:\n  " + "\n  ".join(lines)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to ``raw`` in place."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+                if last:
+                    node[idx] = yaml.safe_load(value)
+                else:
+                    node = node[idx]
+            except (ValueError, IndexError):
+                raise UsageError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a valid list index") from None
+            continue
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = yaml.safe_load(value)
+        else:
+            node = node.setdefault(part, {})
+
+
+def load_config(
+    config: str | os.PathLike[str] | dict[str, Any] | AnyStageConfig,
+    overrides: list[str] | None = None,
+) -> AnyStageConfig:
+    """Validate a config from a YAML path, a dict or a config object; apply ``key=value`` overrides."""
+    if isinstance(config, (PostPretrainConfig, RouterReviewConfig)):
+        if not overrides:
+            return config
+        raw: dict[str, Any] = config.model_dump(mode="json", exclude_unset=True)
+        source = "config"
+    elif isinstance(config, dict):
+        raw, source = dict(config), "config"
+    else:
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{path}: expected a mapping of config fields at the top level")
+        raw, source = _resolve_paths(loaded, path.parent.absolute()), str(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as e:
+        raise UsageError(_format_errors(e, source)) from None
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of the training config (both stages)."""
+    return _ADAPTER.json_schema()
