@@ -16,13 +16,18 @@ _LAZY = {
     "open_checkpoint": "deltamoe.checkpoint",
     "DeltaMoEError": "deltamoe.errors",
     "train": "deltamoe.train",
+    "graft": "deltamoe.delta",
+    "extract_delta": "deltamoe.delta",
+    "merge": "deltamoe.merge",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.delta import extract_delta, graft
     from deltamoe.errors import DeltaMoEError
+    from deltamoe.merge import merge
     from deltamoe.upcycle import upcycle
 
 

@@ -1,0 +1,264 @@
+"""The streaming tensor engine shared by ``graft``, ``delta extract`` and ``merge``.
+
+A job is planned before any data is read: the output layout (names, dtypes, shapes) comes
+from the input headers, and the work is a lazy sequence of :class:`Step` s. A step names the
+row ranges of stored tensors it needs (:class:`Read`) and a ``compute`` function that turns
+them into row ranges of output tensors. Elementwise work (graft, ParamΔ, task arithmetic,
+delta extraction) is split into row chunks of a few MB, so memory use depends on the chunk
+size and the read-ahead budget, not on the size of the model or of its largest tensor.
+
+Three things run at once: a reader thread ``pread`` s the inputs of the next steps (and checks
+them for NaN/Inf), the calling thread computes, and a writer thread ``pwrite`` s finished
+chunks to their final place in the output shards. All three spend their time in system calls
+or torch kernels that release the GIL. Results are computed in float32 and rounded once, to
+the planned output dtype, just before writing; chunks that pass through unchanged are never
+converted at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deltamoe._memory import return_large_frees_to_os
+from deltamoe.checkpoint import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
+from deltamoe.errors import CheckpointError
+
+# Elements per chunk of elementwise work: 1M elements = 4 MB in float32. Big enough that
+# per-chunk overhead (a system call, a few kernel launches) is negligible, small enough that
+# several chunks in flight stay far below the size of one large embedding matrix.
+CHUNK_ELEMS = 1 << 20
+# Default bytes of input read ahead and of output waiting to be written (each).
+DEFAULT_BUFFER_BYTES = 32 * 2**20
+
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Read:
+    """Rows ``start:stop`` (along dim 0) of one stored tensor; ``None`` bounds mean the whole tensor."""
+
+    ckpt: Checkpoint
+    name: str
+    start: int | None = None
+    stop: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int | None, int | None]:
+        return (str(self.ckpt.path), self.name, self.start, self.stop)
+
+    @property
+    def nbytes(self) -> int:
+        spec = self.ckpt.spec(self.name)
+        if self.start is None:
+            return spec.nbytes
+        return (self.stop - self.start) * _row_bytes(spec)  # type: ignore[operator]
+
+
+# One piece of output: (tensor name, first row or None for the whole tensor, values).
+Out = tuple[str, "int | None", torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Read ``reads`` (deduplicated), then ``compute(tensors)`` yields output pieces.
+
+    Steps run in order on the calling thread, so a compute function may keep state for
+    later steps (e.g. a delta chunk shared by all experts of a layer).
+    """
+
+    reads: Sequence[Read]
+    compute: Callable[[list[torch.Tensor]], Iterable[Out]]
+
+
+def _row_bytes(spec: TensorSpec) -> int:
+    return spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+
+
+def row_chunks(shape: Sequence[int], start: int = 0, stop: int | None = None) -> list[tuple[int | None, int | None]]:
+    """Row ranges covering rows ``start:stop`` of a tensor of ``shape``, ~CHUNK_ELEMS elements each.
+
+    A scalar or empty tensor is one piece ``(None, None)``: the whole tensor.
+    """
+    if not shape or (shape[0] == 0 and start == 0):
+        return [(None, None)]
+    stop = shape[0] if stop is None else stop
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, CHUNK_ELEMS // per_row)
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
+def is_float(code: str) -> bool:
+    return code in FLOAT_CODES
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32; a new tensor unless it already is float32 (then ``t`` itself)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def diff32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a - b`` in float32 as a new tensor (never modifies the inputs, which steps may share)."""
+    if a.dtype == torch.float32:
+        return torch.sub(a, b)
+    return a.float().sub_(b)
+
+
+class _Reader:
+    """``pread`` row ranges of stored tensors, keeping one open descriptor per shard file."""
+
+    def __init__(self, check_finite: bool):
+        self._fds: dict[Path, int] = {}
+        self.check_finite = check_finite
+
+    def read(self, r: Read) -> torch.Tensor:
+        info = r.ckpt.tensors.get(r.name)
+        if info is None:
+            raise CheckpointError(f"{r.ckpt.path}: has no tensor {r.name!r}")
+        spec = info.spec
+        if r.start is None:
+            shape, offset, nbytes = spec.shape, info.offset, spec.nbytes
+        else:
+            rb = _row_bytes(spec)
+            shape = (r.stop - r.start, *spec.shape[1:])  # type: ignore[operator]
+            offset, nbytes = info.offset + r.start * rb, (r.stop - r.start) * rb  # type: ignore[operator]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {r.name!r}")
+                done += n
+        t = buf.view(torch_dtype(spec.dtype)).reshape(shape)
+        if self.check_finite and t.is_floating_point():
+            _check_finite(t, r, info.file)
+        return t
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _check_finite(t: torch.Tensor, r: Read, file: Path) -> None:
+    # One reduction pass: NaN and Inf propagate into the sum. Only if the sum is not finite do
+    # we pay for the exact elementwise check (the sum of finite values can overflow, too).
+    if torch.isfinite(t.sum(dtype=torch.float32)):
+        return
+    bad = (~torch.isfinite(t)).nonzero()
+    if len(bad):
+        idx = bad[0].tolist()
+        if r.start is not None and idx:
+            idx[0] += r.start
+        value = t[tuple(bad[0].tolist())].item()
+        raise CheckpointError(
+            f"{file}: tensor {r.name!r} contains {int(bad.shape[0])} non-finite value(s) "
+            f"(first: {value} at index {idx}); the checkpoint is corrupt or diverged, refusing to use it"
+        )
+
+
+def run_steps(
+    steps: Iterable[Step],
+    writer: ShardedWriter,
+    planned: dict[str, TensorSpec],
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    check_finite: bool = True,
+    progress: bool = True,
+    desc: str = "deltamoe",
+) -> None:
+    """Execute ``steps``: read ahead on one thread, compute here, write on another.
+
+    ``planned`` maps each output name to its spec: computed pieces are rounded to that dtype
+    (once) and must have its shape. At most ``buffer_bytes`` of inputs are read ahead and at
+    most ``buffer_bytes`` of outputs wait for the writer, beyond the step being computed.
+    Raises the first error of any of the three threads; the caller aborts the writer.
+    """
+    return_large_frees_to_os()  # chunk buffers are freed back to the OS, not kept in the heap
+    reader = _Reader(check_finite)
+    read_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-read")
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-write")
+    total = sum(s.nbytes for s in planned.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr)
+    reads_ahead: deque[tuple[Step, list[int], Future[list[torch.Tensor]], int]] = deque()
+    writes: deque[tuple[Future[None], int]] = deque()
+    state = {"read": 0, "write": 0}
+    it: Iterator[Step] = iter(steps)
+
+    def fetch(uniq: list[Read]) -> list[torch.Tensor]:
+        return [reader.read(r) for r in uniq]
+
+    def fill() -> None:
+        # Queue reads until the read-ahead budget is used (always at least one step).
+        while not reads_ahead or state["read"] < buffer_bytes:
+            step = next(it, None)
+            if step is None:
+                return
+            keys: dict[tuple, int] = {}
+            uniq: list[Read] = []
+            index = []
+            for r in step.reads:
+                k = r.key
+                if k not in keys:
+                    keys[k] = len(uniq)
+                    uniq.append(r)
+                index.append(keys[k])
+            nbytes = sum(r.nbytes for r in uniq)
+            reads_ahead.append((step, index, read_pool.submit(fetch, uniq), nbytes))
+            state["read"] += nbytes
+
+    def write(name: str, start: int | None, t: torch.Tensor) -> None:
+        if start is None:
+            writer.write(name, t)
+        else:
+            writer.write_rows(name, start, t)
+
+    try:
+        fill()
+        while reads_ahead:
+            step, index, fut, nbytes = reads_ahead.popleft()
+            uniq = fut.result()
+            state["read"] -= nbytes
+            fill()
+            tensors = [uniq[i] for i in index]
+            del uniq
+            for name, start, t in step.compute(tensors):
+                spec = planned[name]
+                dt = torch_dtype(spec.dtype)
+                if t.dtype != dt:
+                    t = t.to(dt)  # the one rounding to the output dtype
+                # Bound the output waiting for the writer; surface writer errors early.
+                while writes and (writes[0][0].done() or state["write"] + t.nbytes > buffer_bytes):
+                    wf, wn = writes.popleft()
+                    wf.result()
+                    state["write"] -= wn
+                    bar.update(wn)
+                writes.append((write_pool.submit(write, name, start, t), t.nbytes))
+                state["write"] += t.nbytes
+                del t
+            del tensors
+        while writes:
+            wf, wn = writes.popleft()
+            wf.result()
+            bar.update(wn)
+    finally:
+        for pending in [*(x[2] for x in reads_ahead), *(w[0] for w in writes)]:
+            pending.cancel()
+        read_pool.shutdown(wait=True)
+        write_pool.shutdown(wait=True)
+        reader.close()
+        bar.close()
