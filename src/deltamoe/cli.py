@@ -351,6 +351,41 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("train")
+@_reports_errors
+def train_(
+    config: Annotated[Path, typer.Argument(help="Training config (YAML): stage, model, output, data, train, losses...")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field, repeatable: --set train.steps=100 --set losses.lpr=0.2."),
+    ] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop after N steps, leaving a resumable checkpoint and no output.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Continue pre-training an upcycled MoE: stage post_pretrain (new experts + routers) or router_review
+    (routers, language priors). Runs under torchrun / accelerate launch for multi-GPU."""
+    import os
+
+    from deltamoe.train.loop import train as run
+
+    path = run(
+        config,
+        overrides=list(set_ or []),
+        force=force,
+        progress=False if quiet else None,
+        stop_after=stop_after,
+        command=["deltamoe", *sys.argv[1:]],
+    )
+    if os.environ.get("RANK", "0") == "0":
+        if path is None:
+            typer.echo(f"stopped after {stop_after} steps; run the same command again to resume")
+        else:
+            typer.echo(f"wrote {path}")
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,

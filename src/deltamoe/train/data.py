@@ -81,11 +81,13 @@ def source_format(src: SourceConfig) -> str:
     """The format of a source, checking that its path exists."""
     path = Path(src.path)
     has_glob = any(c in src.path for c in "*?[")
-    if has_glob:
-        if not glob.glob(src.path, recursive=True):
-            raise DataError(f"{_label(src)}: the pattern matches no file")
-    elif not path.exists():
+    files = [Path(p) for p in glob.glob(src.path, recursive=True)] if has_glob else [path]
+    if has_glob and not files:
+        raise DataError(f"{_label(src)}: the pattern matches no file")
+    if not has_glob and not path.exists():
         raise DataError(f"{_label(src)}: no such file or directory")
+    if all(f.is_file() and f.stat().st_size == 0 for f in files):
+        raise DataError(f"{_label(src)}: empty corpus (the file is empty)")
     if src.format != "auto":
         return src.format
     if not has_glob and path.is_dir():

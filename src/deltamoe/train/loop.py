@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,17 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
     # keeps them in process-wide singletons. The process group itself (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=grad_accum)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate sets up a CPU process group (gloo) only when told to use the CPU
+    cpu = world > 1 and not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=grad_accum,
+                      cpu=cpu)
+    if acc.num_processes != world:
+        raise UsageError(
+            f"launched as {world} processes (WORLD_SIZE), but accelerate set up {acc.num_processes}; "
+            "launch with torchrun or accelerate launch"
+        )
+    return acc
 
 
 def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str) -> dict[str, Any]:
@@ -394,7 +405,11 @@ def train(
         raise UsageError("trainable: nothing trains in this model with these settings")
     if cfg.train.gradient_checkpointing:
         # non-reentrant: frozen embeddings would cut the gradient with the reentrant variant
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied aliases appear once
     names = [n for n, _ in named]
     decay = [p for n, p in named if p.dim() >= 2]
@@ -425,8 +440,10 @@ def train(
             acc.load_state(str(resume))
         stream.load_state_dict(meta["data"])
         run = _Run(step=meta["step"], tokens=meta["tokens"])
-        for _ in range(run.step):  # the schedule is a pure function of the step
-            scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(run.step):  # the schedule is a pure function of the step
+                scheduler.step()
 
     capture = RouterCapture(layout.routed_layers)
     allowed = L.allowed_matrix(allocation, lang_names, layout.num_experts).to(acc.device)

@@ -244,8 +244,13 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
 
 def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any]) -> tuple[nn.Module, Layout]:
     """Load the MoE in float32 (exact for bf16/fp16 checkpoints), split its experts and map it."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ArchitectureError(
+            f"training needs transformers >= 5 (fused experts, router modules); found {transformers.__version__}"
+        )
     arch = moe.get("architecture")
     got = (ckpt.config.get("architectures") or [None])[0]
     if arch and got != arch:
