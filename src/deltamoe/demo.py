@@ -1,46 +1,38 @@
-"""``deltamoe demo``: the main job on built-in data, no downloads.
+"""``deltamoe demo``: the main job on the built-in toy world, no downloads.
 
-Until the full toy pipeline lands, the demo runs the stages that exist: it writes a small
-synthetic Llama checkpoint, upcycles it for each supported expert count, loads every result with
-stock transformers and checks that it computes what the dense model computes.
+Writes the packaged demo recipe into the work directory and runs it: build the toy world (size
+small), upcycle its base model, continue pre-training the new experts on the new languages,
+review the routers, graft the post-training delta, run every baseline, evaluate all of them and
+write the report. Re-running resumes from the cache; ``deltamoe run WORKDIR/recipe.yaml`` runs an
+edited copy.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from deltamoe.synthetic import llama_config, write_dense
-from deltamoe.upcycle import upcycle
+DEMO_RECIPE = "toy-demo.yaml"
 
 
-def run_demo(workdir: str | os.PathLike[str] = "deltamoe-demo", *, force: bool = True) -> list[dict[str, object]]:
-    """Upcycle a synthetic dense model with E in {2, 4, 8}, K in {1, 2}; return one result row per run."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def demo_recipe_text() -> str:
+    return resources.files("deltamoe").joinpath("_data/recipes", DEMO_RECIPE).read_text()
 
-    hf_logging.disable_progress_bar()
+
+def run_demo(workdir: str | os.PathLike[str] = "deltamoe-demo", *, log: Callable[[str], Any] = print,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo recipe in ``workdir``; return what :func:`deltamoe.pipeline.run_recipe` returns."""
+    from deltamoe.pipeline import run_recipe
+
     work = Path(workdir)
-    dense = work / "dense"
-    if not (dense / "config.json").is_file():
-        cfg = llama_config(hidden=64, intermediate=172, layers=4, vocab=256, heads=4, kv_heads=2)
-        write_dense(dense, cfg, std=0.2)
-    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
-    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref_logits = ref(x).logits
-        ref_gen = ref.generate(x[:, :8], max_new_tokens=16, do_sample=False, pad_token_id=0)
-    rows = []
-    for e in (2, 4, 8):
-        for k in (1, 2):
-            out = upcycle(dense, work / f"moe-e{e}-k{k}", num_experts=e, top_k=k, seed=0, force=force, progress=False,
-                          allocation={"orig": [0], "new": list(range(1, e))})
-            moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            with torch.no_grad():
-                diff = (moe(x).logits - ref_logits).abs().max().item()
-                same = torch.equal(moe.generate(x[:, :8], max_new_tokens=16, do_sample=False, pad_token_id=0), ref_gen)
-            rows.append({"experts": e, "top_k": k, "architecture": type(moe).__name__, "max_abs_dlogits": diff,
-                         "greedy_identical": same, "path": str(out)})
-    return rows
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / "recipe.yaml"
+    text = demo_recipe_text()
+    if not recipe.is_file() or recipe.read_text() != text:
+        recipe.write_text(text)
+    result = run_recipe(recipe, progress=progress, log=log)
+    log(f"demo finished: report at {result['report']}, numbers in {work.absolute() / 'results.json'}")
+    return result

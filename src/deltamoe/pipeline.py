@@ -1,0 +1,399 @@
+"""``deltamoe run``: turn a recipe into the stages of DeltaMoE and its baselines, run them, report.
+
+Systems compared (all on the same inputs and evaluation):
+
+    base            B
+    post            P
+    dense_cpt       B'  = B continued-pretrained on the new-language corpora (every weight trains)
+    paramdelta      B' + (P - B)
+    task_arithmetic, ties, dare_linear, dare_ties   data-free merges of B' and P relative to B
+    moe_lpr         the MoE after stage 1 (post-pretraining) and stage 2 (router review), no delta
+    deltamoe        moe_lpr + expand(P - B)
+    budget_matched  B'' + (P - B), where B'' is dense CPT with the same training FLOPs as the MoE run
+
+FLOPs are counted as 6 x N_active x tokens (forward 2N, backward 4N; attention-score FLOPs and
+the weight gradients that frozen weights skip are ignored, for both models alike). N_active of the
+MoE is the dense parameter count plus (K - 1) FFNs per MoE layer plus the routers, so the dense
+model gets N_active_moe / N_dense times the MoE's training tokens (stage 1 + stage 2), in steps of
+the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
+
+SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe")
+
+
+def _sub(obj: Any, toy: Path | None) -> Any:
+    """Replace '{toy}' in every string of a nested structure by the toy build path."""
+    if isinstance(obj, str):
+        if "{toy}" in obj:
+            if toy is None:
+                raise ValueError(f"'{{toy}}' used in {obj!r} but the recipe builds no toy world")
+            return obj.replace("{toy}", str(toy))
+        return obj
+    if isinstance(obj, dict):
+        return {k: _sub(v, toy) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_sub(v, toy) for v in obj]
+    return obj
+
+
+def _train_config(stage: str, spec: dict[str, Any], model: Path, out: Path, seed: int, toy: Path | None) -> dict[str, Any]:
+    cfg = {"stage": stage, "model": str(model), "output": str(out), "run_dir": str(out) + ".run", "seed": seed}
+    cfg.update({k: v for k, v in spec.items() if v})
+    return _sub(cfg, toy)
+
+
+def _param_counts(path: Path) -> dict[str, int]:
+    """Total parameters and FFN parameters of a dense checkpoint, from its headers."""
+    import math as m
+
+    from deltamoe import arch
+    from deltamoe.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    spec = arch.arch_for(ck.config)
+    total = sum(m.prod(t.spec.shape) for t in ck.tensors.values())
+    n_layers = arch.num_layers(ck.config)
+    ffn = sum(m.prod(ck.spec(spec.dense_name(r, 0)).shape) for r in ("gate", "up", "down"))
+    return {"total": total, "ffn_per_layer": ffn, "layers": n_layers, "hidden": int(ck.config["hidden_size"])}
+
+
+def _tokens_per_step(train: dict[str, Any], data: dict[str, Any]) -> int:
+    return int(train.get("micro_batch_size", 8)) * int(train.get("grad_accum", 1)) * int(data["seq_len"])
+
+
+def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
+    """Steps of dense CPT with the same training FLOPs as the MoE's stage 1 + stage 2 (see module doc)."""
+    c = _param_counts(base)
+    e, k = recipe.upcycle.experts, recipe.upcycle.top_k
+    n_moe_layers = c["layers"]  # all layers by default; replicated layers also run K experts
+    n_active = c["total"] + (k - 1) * c["ffn_per_layer"] * n_moe_layers + e * c["hidden"] * n_moe_layers
+    moe_tokens = 0
+    for spec in (recipe.train.post_pretrain, recipe.train.router_review):
+        if spec is not None:
+            steps = spec.train.get("steps")
+            if steps is None:
+                raise ValueError("budget_matched needs explicit train.steps in every training stage")
+            moe_tokens += int(steps) * _tokens_per_step(spec.train, spec.data)
+    dense_train = {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train}
+    dense_data = recipe.dense_cpt.data or recipe.train.post_pretrain.data
+    flops_moe = 6 * n_active * moe_tokens
+    steps = math.ceil(flops_moe / (6 * c["total"] * _tokens_per_step(dense_train, dense_data)))
+    return {"n_dense": c["total"], "n_active_moe": n_active, "moe_tokens": moe_tokens, "moe_flops": flops_moe,
+            "dense_steps": steps, "dense_flops": 6 * c["total"] * steps * _tokens_per_step(dense_train, dense_data)}
+
+
+def build_plan(
+    recipe: Recipe, recipe_dir: Path, *, progress: bool = True, local_only: bool = False
+) -> tuple[list[StageRun], Path, dict[str, Any]]:
+    """The stages of a recipe, with cache keys and output directories resolved.
+
+    With ``local_only`` (dry runs) external models that are not on disk are keyed by their name
+    instead of being fetched.
+    """
+    workdir = Path(recipe.workdir) if recipe.workdir else Path("runs") / recipe.name
+    if not workdir.is_absolute():
+        workdir = recipe_dir / workdir if recipe.workdir else Path.cwd() / workdir
+    stages: list[StageRun] = []
+    ctx: dict[str, Any] = {"workdir": workdir}
+
+    def add(name: str, kind: str, params: dict[str, Any], inputs: dict[str, str], fn: Any) -> None:
+        stages.append(StageRun(name=name, kind=kind, params=params, inputs=inputs, fn=fn))
+
+    toy_role: dict[str, str] = {}
+    if recipe.toy is not None:
+        size, seed = recipe.toy.size, recipe.toy.seed
+
+        def build_toy(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.toy import build
+
+            build(out, size, seed, progress=progress)
+
+        add("toy", "toy_build", {"size": size, "seed": seed}, {}, build_toy)
+        toy_role = {"toy": "toy"}
+        base_ref, post_ref = "toy/base", "toy/instruct"
+    else:
+        assert recipe.models is not None
+        base_ref, post_ref = f"ext:{recipe.models.base}", f"ext:{recipe.models.post}"
+
+    def toy_of(inp: dict[str, Path]) -> Path | None:
+        return inp.get("toy")
+
+    # -- DeltaMoE ---------------------------------------------------------------------------
+    up = recipe.upcycle
+    up_params = {**up.model_dump(), "allocation": recipe.allocation, "seed": recipe.seed}
+
+    def do_upcycle(inp: dict[str, Path], out: Path) -> None:
+        from deltamoe.upcycle import upcycle
+
+        upcycle(inp["dense"], out, num_experts=up.experts, top_k=up.top_k, layers=up.layers,
+                allocation=recipe.allocation, router_init=up.router_init, noise=up.noise,
+                reinit_ratio=up.reinit_ratio, seed=recipe.seed, dtype=up.dtype, progress=progress)
+
+    add("upcycle", "upcycle", up_params, {"dense": base_ref}, do_upcycle)
+
+    def trainer(stage: str, spec: dict[str, Any]) -> Any:
+        def run(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.train import train
+
+            train(_train_config(stage, spec, inp["model"], out, recipe.seed, toy_of(inp)), progress=progress)
+
+        return run
+
+    pp = recipe.train.post_pretrain.model_dump()
+    add("post_pretrain", "train", {"stage": "post_pretrain", **pp, "seed": recipe.seed},
+        {"model": "upcycle", **toy_role}, trainer("post_pretrain", pp))
+    moe_final = "post_pretrain"
+    if recipe.train.router_review is not None:
+        rr = recipe.train.router_review.model_dump()
+        add("router_review", "train", {"stage": "router_review", **rr, "seed": recipe.seed},
+            {"model": "post_pretrain", **toy_role}, trainer("router_review", rr))
+        moe_final = "router_review"
+
+    g = recipe.graft
+
+    def do_graft(inp: dict[str, Path], out: Path) -> None:
+        from deltamoe.delta import graft
+
+        graft(inp["moe"], out, base=inp["base"], post=inp["post"], experts=g.experts, scale=g.scale,
+              dtype=g.dtype, progress=progress)
+
+    add("deltamoe", "graft", g.model_dump(), {"moe": moe_final, "base": base_ref, "post": post_ref}, do_graft)
+    systems: dict[str, str] = {"deltamoe": "deltamoe"}
+
+    # -- baselines --------------------------------------------------------------------------
+    wanted = set(recipe.baselines)
+    if "base" in wanted:
+        systems["base"] = base_ref
+    if "post" in wanted:
+        systems["post"] = post_ref
+    if "moe_lpr" in wanted:
+        systems["moe_lpr"] = moe_final
+    dense_data = recipe.dense_cpt.data or recipe.train.post_pretrain.data
+    dense_train = {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train}
+    dense_spec = {"data": dense_data, "train": dense_train, "logging": recipe.dense_cpt.logging}
+    needs_cpt = wanted & {"dense_cpt", "paramdelta", *MERGE_BASELINES}
+    if needs_cpt:
+        add("dense_cpt", "train", {"stage": "dense_cpt", **dense_spec, "seed": recipe.seed},
+            {"model": base_ref, **toy_role}, trainer("dense_cpt", dense_spec))
+        if "dense_cpt" in wanted:
+            systems["dense_cpt"] = "dense_cpt"
+
+    m = recipe.merge
+
+    def merger(method: str, cpt: str) -> Any:
+        def run(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.merge import merge
+
+            if method == "paramdelta":
+                merge([inp["cpt"], inp["post"]], out, method="paramdelta", base=inp["base"], progress=progress)
+            else:
+                merge([(inp["cpt"], m.weights[0]), (inp["post"], m.weights[1])], out, method=method,  # type: ignore[arg-type]
+                      base=inp["base"], density=m.density if method != "task_arithmetic" else None,
+                      lambda_=m.lambda_, seed=m.seed, progress=progress)
+
+        return run
+
+    for method in ("paramdelta", *MERGE_BASELINES):
+        if method in wanted:
+            params = {"method": method} if method == "paramdelta" else {"method": method, **m.model_dump()}
+            add(method, "merge", params, {"cpt": "dense_cpt", "base": base_ref, "post": post_ref},
+                merger(method, "dense_cpt"))
+            systems[method] = method
+
+    if "budget_matched" in wanted:
+        def budget_cpt(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.train import train
+
+            budget = budget_matched_steps(recipe, inp["model"])
+            spec = {**dense_spec, "train": {**dense_train, "steps": budget["dense_steps"]}}
+            train(_train_config("dense_cpt", spec, inp["model"], out, recipe.seed, toy_of(inp)), progress=progress)
+            (Path(str(out) + ".run")).mkdir(parents=True, exist_ok=True)
+            (Path(str(out) + ".run") / "budget.json").write_text(json.dumps(budget, indent=2))
+
+        add("dense_cpt_budget", "train", {"stage": "dense_cpt", "budget": "moe_flops", **dense_spec,
+                                          "moe": [recipe.train.post_pretrain.model_dump(),
+                                                  recipe.train.router_review.model_dump() if recipe.train.router_review else None],
+                                          "upcycle": up_params, "seed": recipe.seed},
+            {"model": base_ref, **toy_role}, budget_cpt)
+        add("budget_matched", "merge", {"method": "paramdelta"},
+            {"cpt": "dense_cpt_budget", "base": base_ref, "post": post_ref}, merger("paramdelta", "dense_cpt_budget"))
+        systems["budget_matched"] = "budget_matched"
+
+    # -- evaluation -------------------------------------------------------------------------
+    ev = recipe.eval
+    toy_data = ev.toy_data
+
+    def evaluator(inp: dict[str, Path], out: Path) -> None:
+        from deltamoe.checkpoint import atomic_output_dir
+
+        with atomic_output_dir(out) as tmp:
+            if "toy" in ev.suites:
+                from deltamoe.evaluate import evaluate
+
+                data = Path(toy_data) if toy_data else inp["toy"]
+                evaluate(inp["model"], "toy", data=data, out=tmp / "toy", batch_size=ev.batch_size,
+                         max_items=ev.max_items, progress=progress)
+            if "lm_eval" in ev.suites:
+                from deltamoe.evaluate.lm_eval_bridge import run_lm_eval
+
+                run_lm_eval(inp["model"], ev.lm_eval_tasks, tmp / "lm_eval", limit=ev.lm_eval_limit,
+                            batch_size=ev.batch_size)
+
+    for system in [s for s in SYSTEM_ORDER if s in systems]:
+        add(f"eval-{system}", "eval", ev.model_dump(), {"model": systems[system], **toy_role}, evaluator)
+
+    ctx["systems"] = systems
+    memo = workdir / "fingerprints.json"
+
+    def ext_key(p: str) -> str:
+        local = Path(p).expanduser()
+        local = recipe_dir / local if not local.is_absolute() and (recipe_dir / local).exists() else local
+        if local_only and not local.exists():
+            return "name:" + p  # not downloaded yet: a real run fingerprints its content
+        return fingerprint(_ext(p, recipe_dir), memo)
+
+    resolve_keys(stages, workdir, ext_key)
+    return stages, workdir, ctx
+
+
+def _ext(p: str, recipe_dir: Path) -> Path:
+    """A model given in the recipe: a path relative to the recipe, an absolute path, or a Hub id."""
+    from deltamoe.checkpoint import resolve_model
+
+    cand = Path(p).expanduser()
+    if not cand.is_absolute() and (recipe_dir / cand).exists():
+        return recipe_dir / cand
+    return resolve_model(p)
+
+
+def ref_path(ref: str, stages: dict[str, StageRun], recipe_dir: Path) -> Path:
+    """Directory of a stage reference ('stage', 'stage/sub' or 'ext:path')."""
+    if ref.startswith("ext:"):
+        return _ext(ref[4:], recipe_dir)
+    name, _, sub = ref.partition("/")
+    return stages[name].out / sub if sub else stages[name].out
+
+
+def clean_stale_temporaries(workdir: Path) -> int:
+    """Remove temporary directories left by a killed run (they are never read)."""
+    n = 0
+    root = workdir / "stages"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+def _dense_sizes(recipe: Recipe, recipe_dir: Path) -> tuple[int, int] | None:
+    """(dense bytes, FFN bytes over all layers) of B, when it can be known without downloading it."""
+    if recipe.toy is not None:
+        from deltamoe.toy import SIZES
+
+        shape = SIZES[recipe.toy.size].model
+        vocab = SIZES[recipe.toy.size].vocab_size
+        h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+        kv = h * shape.num_key_value_heads // shape.num_attention_heads
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        params = n * per_layer + 2 * vocab * h + h
+        return params * 4, n * 3 * h * i * 4
+    assert recipe.models is not None
+    p = Path(recipe.models.base).expanduser()
+    p = recipe_dir / p if not p.is_absolute() and (recipe_dir / p).exists() else p
+    if not (p / "config.json").is_file():
+        return None
+    c = _param_counts(p)
+    from deltamoe.checkpoint import Checkpoint, itemsize
+
+    width = itemsize(next(iter(Checkpoint(p).tensors.values())).spec.dtype)
+    return c["total"] * width, c["ffn_per_layer"] * c["layers"] * width
+
+
+def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> dict[str, int | None]:
+    sizes = _dense_sizes(recipe, recipe_dir)
+    est: dict[str, int | None] = {}
+    for s in stages:
+        if sizes is None:
+            est[s.name] = None
+            continue
+        dense, ffn = sizes
+        moe = dense + (recipe.upcycle.experts - 1) * ffn
+        if s.kind in ("upcycle", "graft") or s.name in ("post_pretrain", "router_review"):
+            est[s.name] = moe
+        elif s.kind in ("merge", "train"):
+            est[s.name] = dense
+        elif s.kind == "toy_build":
+            est[s.name] = 2 * dense + 50 * 2**20
+        else:
+            est[s.name] = 2**20
+    return est
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def run_recipe(
+    path: str | Path, *, dry_run: bool = False, progress: bool = True, log: Any = print
+) -> dict[str, Any]:
+    """Validate and run a recipe (or, with ``dry_run``, print its plan); return what happened.
+
+    Returns ``{"workdir", "plan": [...], "executed": [...], "report", "results"}``.
+    """
+    from deltamoe.recipe import load_recipe, run_plan
+
+    recipe, rdir = load_recipe(path)
+    stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=dry_run)
+    est = estimate_disk(stages, recipe, rdir)
+    plan = [{"stage": s.name, "kind": s.kind, "key": s.key, "cached": s.out.is_dir(), "est_bytes": est[s.name],
+             "out": str(s.out)} for s in stages]
+    if dry_run:
+        log(f"recipe {path}: valid. Work directory {workdir}")
+        for i, p in enumerate(plan, 1):
+            log(f"  {i:2d}. {p['stage']:18} {'cached' if p['cached'] else 'to run':7} ~{_human(p['est_bytes']):>9}  {p['key']}")
+        todo = [p["est_bytes"] for p in plan if not p["cached"]]
+        total = None if any(b is None for b in todo) else sum(todo)
+        log(f"  estimated new disk use: {_human(total)} (plus training checkpoints: ~3x each trained model)")
+        return {"workdir": str(workdir), "plan": plan, "executed": [], "est_total_bytes": total}
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(workdir)
+    by_name = {s.name: s for s in stages}
+    executed = run_plan(stages, lambda p: _ext(p, rdir), log=log)
+
+    from deltamoe.report import collect, format_table, write_report
+
+    systems = {name: (ref_path(ref, by_name, rdir), by_name[f"eval-{name}"].out)
+               for name, ref in ctx["systems"].items()}
+    extra: dict[str, Any] = {"recipe_name": recipe.name, "recipe": recipe.model_dump(mode="json", by_alias=True),
+                             "stages": {s.name: {"key": s.key, "out": str(s.out)} for s in stages},
+                             "executed": executed}
+    if "dense_cpt_budget" in by_name:
+        budget_file = Path(str(by_name["dense_cpt_budget"].out) + ".run") / "budget.json"
+        if budget_file.is_file():
+            extra["budget_matched"] = json.loads(budget_file.read_text())
+    languages = {"original": recipe.languages.original, "new": recipe.languages.new}
+    results = collect(systems, languages, extra)
+    logs = {name: Path(str(by_name[name].out) + ".run") / "logs" / "train.jsonl"
+            for name in ("post_pretrain", "router_review", "dense_cpt") if name in by_name}
+    report = write_report(workdir, results, logs, Path(path).read_text())
+    log("\n" + format_table(results))
+    log(f"\nreport: {report}")
+    return {"workdir": str(workdir), "plan": plan, "executed": executed, "report": str(report), "results": results}

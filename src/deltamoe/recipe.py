@@ -1,0 +1,294 @@
+"""Recipes: one YAML file that declares a whole DeltaMoE experiment, and the runner that executes it.
+
+The runner turns a validated :class:`Recipe` into a plan: a list of :class:`StageRun` nodes, each
+a typed function from input paths to one output directory. Every node's output lives under
+``<workdir>/stages/<name>-<key>``, where ``key`` hashes the stage's parameters and the keys of its
+inputs (external models are fingerprinted by content). Outputs are written atomically, so a
+directory that exists is complete: a re-run skips it, and an interrupted run resumes at the first
+stage whose output is missing (training stages also resume from their own step checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deltamoe.errors import UsageError
+
+RECIPE_VERSION = 1  # part of every cache key: bump when a stage's meaning changes
+
+Baseline = Literal[
+    "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+    "moe_lpr", "budget_matched",
+]
+ALL_BASELINES: tuple[str, ...] = Baseline.__args__  # type: ignore[attr-defined]
+MERGE_BASELINES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ToySpec(_Strict):
+    """Build the toy world and take B, P, corpora and evaluation sets from it."""
+
+    size: Literal["micro", "tiny", "small"] = "small"
+    seed: int = 0
+
+
+class ModelsSpec(_Strict):
+    base: str = Field(description="Dense base model B (local path or Hub id).")
+    post: str = Field(description="Post-trained model P of the same family (instruct, SFT, reasoning...).")
+
+
+class LanguagesSpec(_Strict):
+    original: list[str] = Field(min_length=1, description="Languages B and P already serve (routed to expert 0).")
+    new: list[str] = Field(min_length=1, description="Languages to add.")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> LanguagesSpec:
+        both = set(self.original) & set(self.new)
+        if both:
+            raise ValueError(f"languages {sorted(both)} are listed as both original and new")
+        return self
+
+
+class UpcycleSpec(_Strict):
+    experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    layers: str = "all"
+    allocation: dict[str, list[int]] | None = Field(
+        None, description="language -> experts; default: original languages -> [0], each new language one expert."
+    )
+    router_init: Literal["random", "zero"] = "random"
+    noise: float = Field(0.0, ge=0)
+    reinit_ratio: float = Field(0.0, ge=0, le=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _k(self) -> UpcycleSpec:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds experts ({self.experts})")
+        return self
+
+
+class TrainSpec(_Strict):
+    """One training stage; the sections are those of ``deltamoe train`` configs (see README)."""
+
+    data: dict[str, Any] = Field(description="Data section of a train config; '{toy}' in paths is the toy build.")
+    train: dict[str, Any] = Field(default_factory=dict)
+    losses: dict[str, Any] = Field(default_factory=dict)
+    trainable: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: dict[str, Any] = Field(default_factory=dict)
+    logging: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainStages(_Strict):
+    post_pretrain: TrainSpec
+    router_review: TrainSpec | None = None
+
+
+class DenseCptSpec(_Strict):
+    """Dense continued pre-training (the baselines' B'). Default data and steps: stage 1's."""
+
+    data: dict[str, Any] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+    logging: dict[str, Any] = Field(default_factory=dict)
+
+
+class GraftSpec(_Strict):
+    experts: str = Field("all", description="all | original | new | comma-separated expert ids")
+    scale: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class MergeSpec(_Strict):
+    weights: tuple[float, float] = Field((1.0, 1.0), description="Weights of (B', P) task vectors.")
+    density: float = Field(0.5, gt=0, le=1)
+    lambda_: float = Field(1.0, alias="lambda")
+    seed: int = 0
+
+
+class EvalSpec(_Strict):
+    suites: list[Literal["toy", "lm_eval"]] = Field(default_factory=lambda: ["toy"], min_length=1)
+    toy_data: str | None = Field(None, description="Toy build with the eval sets (default: the recipe's toy).")
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_items: int | None = Field(None, gt=0, description="Cap on QA items per language and task (quick runs).")
+
+    @model_validator(mode="after")
+    def _tasks(self) -> EvalSpec:
+        if "lm_eval" in self.suites and not self.lm_eval_tasks:
+            raise ValueError("suite lm_eval needs lm_eval_tasks")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[\w.-]+$")
+    workdir: str | None = Field(None, description="Default: runs/<name> next to the recipe.")
+    seed: int = 0
+    toy: ToySpec | None = None
+    models: ModelsSpec | None = None
+    languages: LanguagesSpec
+    upcycle: UpcycleSpec = UpcycleSpec()
+    train: TrainStages
+    dense_cpt: DenseCptSpec = DenseCptSpec()
+    graft: GraftSpec = GraftSpec()
+    baselines: list[Baseline] = Field(default_factory=lambda: list(ALL_BASELINES))
+    merge: MergeSpec = MergeSpec()
+    eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Recipe:
+        if (self.toy is None) == (self.models is None):
+            raise ValueError("give exactly one of 'toy' (build the toy world) or 'models' (base and post)")
+        if "toy" in self.eval.suites and self.toy is None and self.eval.toy_data is None:
+            raise ValueError("eval suite 'toy' needs 'toy' or eval.toy_data")
+        langs = set(self.languages.original) | set(self.languages.new)
+        alloc = self.allocation
+        unknown = sorted(set(alloc) - langs)
+        if unknown:
+            raise ValueError(f"upcycle.allocation names languages {unknown} that are not in 'languages'")
+        bad = sorted({e for ex in alloc.values() for e in ex if not 0 <= e < self.upcycle.experts})
+        if bad:
+            raise ValueError(f"upcycle.allocation uses experts {bad}; valid ids are 0..{self.upcycle.experts - 1}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError("baselines lists a system twice")
+        return self
+
+    @property
+    def allocation(self) -> dict[str, list[int]]:
+        if self.upcycle.allocation is not None:
+            return {k: list(v) for k, v in self.upcycle.allocation.items()}
+        new = self.languages.new
+        if len(new) > self.upcycle.experts - 1:
+            raise ValueError(
+                f"{len(new)} new languages need at least {len(new) + 1} experts for the default allocation "
+                "(or give upcycle.allocation)"
+            )
+        out = {lang: [0] for lang in self.languages.original}
+        out.update({lang: [i + 1] for i, lang in enumerate(new)})
+        return out
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown field (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | os.PathLike[str]) -> tuple[Recipe, Path]:
+    """Parse and validate a recipe YAML; return it and its directory (relative paths resolve there)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such recipe file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{p}: expected a mapping at the top level")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(_format_errors(e, str(p))) from None
+    return recipe, p.parent.absolute()
+
+
+# -- the plan --------------------------------------------------------------------------------
+@dataclass
+class StageRun:
+    """One node of the plan: ``fn(inputs, out)`` writes the directory ``out`` (atomically)."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    inputs: dict[str, str]  # role -> name of another stage, or "ext:<path>"
+    fn: Callable[[dict[str, Path], Path], None]
+    est_bytes: int = 0
+    key: str = ""
+    out: Path = field(default_factory=Path)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(path: Path, cache_file: Path) -> str:
+    """Content hash of an external checkpoint directory, memoised by (path, size, mtime) of its files."""
+    from deltamoe.provenance import sha256_file
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stat_key = _digest([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    memo = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if memo.get(str(path), {}).get("stat") != stat_key:
+        memo[str(path)] = {"stat": stat_key, "sha256": _digest([(p.name, sha256_file(p)) for p in files])}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(memo, indent=1))
+    return memo[str(path)]["sha256"]
+
+
+def resolve_keys(stages: list[StageRun], workdir: Path, ext_key: Callable[[str], str]) -> None:
+    """Give every stage its cache key and output directory (stages are in dependency order)."""
+    by_name: dict[str, StageRun] = {}
+    for s in stages:
+        inputs = {}
+        for role, src in s.inputs.items():
+            if src.startswith("ext:"):
+                inputs[role] = ext_key(src[4:])
+            else:
+                name, _, sub = src.partition("/")
+                inputs[role] = by_name[name].key + (f"/{sub}" if sub else "")
+        s.key = _digest({"v": RECIPE_VERSION, "kind": s.kind, "params": s.params, "inputs": inputs})[:16]
+        s.out = workdir / "stages" / f"{s.name}-{s.key}"
+        by_name[s.name] = s
+
+
+def input_paths(stage: StageRun, stages: dict[str, StageRun], ext_path: Callable[[str], Path]) -> dict[str, Path]:
+    """Directories of a stage's inputs: 'ext:PATH', 'stage' or 'stage/subdir'."""
+    out = {}
+    for role, src in stage.inputs.items():
+        if src.startswith("ext:"):
+            out[role] = ext_path(src[4:])
+        else:
+            name, _, sub = src.partition("/")
+            out[role] = stages[name].out / sub if sub else stages[name].out
+    return out
+
+
+def run_plan(
+    stages: list[StageRun],
+    ext_path: Callable[[str], Path],
+    *,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run every stage whose output is missing, in order; return the names of the stages executed."""
+    done: list[str] = []
+    by_name = {s.name: s for s in stages}
+    for i, s in enumerate(stages, 1):
+        if s.out.is_dir():
+            log(f"[{i}/{len(stages)}] {s.name}: cached ({s.out.name})")
+            continue
+        log(f"[{i}/{len(stages)}] {s.name}: running ...")
+        t0 = time.perf_counter()
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        s.fn(input_paths(s, by_name, ext_path), s.out)
+        if not s.out.is_dir():  # every stage function must produce its directory
+            raise RuntimeError(f"stage {s.name} finished without writing {s.out}")
+        log(f"[{i}/{len(stages)}] {s.name}: done in {time.perf_counter() - t0:.0f} s")
+        done.append(s.name)
+    return done
