@@ -148,6 +148,20 @@ def test_delta_artifact_in_merges(bcp: dict[str, Path], tmp_path: Path) -> None:
     assert all(torch.equal(ta[n], ta_d[n]) for n in ta)
 
 
+@pytest.mark.parametrize("method", ["paramdelta", "task_arithmetic", "ties"])
+def test_chunked_streaming_equals_whole_tensors(method: str, bcp: dict[str, Path], tmp_path: Path,
+                                                monkeypatch) -> None:
+    import deltamoe.engine
+
+    p2 = perturbed(bcp["B"], tmp_path / "P2", seed=4, add_rows=2)
+    kw = dict(base=bcp["B"], method=method, progress=False, **({"density": 0.5} if method == "ties" else {}))
+    monkeypatch.setattr(deltamoe.engine, "CHUNK_ELEMS", 10**9)
+    whole = load_all(merge([bcp["C"], p2], tmp_path / "whole", **kw))  # type: ignore[arg-type]
+    monkeypatch.setattr(deltamoe.engine, "CHUNK_ELEMS", 1)
+    rows = load_all(merge([bcp["C"], p2], tmp_path / "rows", buffer_bytes=1, **kw))  # type: ignore[arg-type]
+    assert whole.keys() == rows.keys() and all(torch.equal(whole[n], rows[n]) for n in whole)
+
+
 def test_dare_statistics_and_determinism(bcp: dict[str, Path], tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     d = torch.randn(400, 500, generator=g)

@@ -18,6 +18,7 @@ difference between B, P and M is an error that names the tensors and their shape
 from __future__ import annotations
 
 import os
+from functools import partial
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -609,7 +610,7 @@ def graft(
             elif kind == "copy":
                 shape = m.spec(s.name).shape
                 for a, b in row_chunks(shape):
-                    yield Step([Read(m, s.name, a, b)], lambda ts, n=s.name, a=a: [(n, a, ts[0])])
+                    yield Step([Read(m, s.name, a, b)], partial(_copy_chunk, name=s.name, a=a))
             else:
                 yield from _shared_steps(m, src, s.name, new_rows)
 
@@ -658,29 +659,38 @@ def graft(
 
 
 def _expert_steps(m: Checkpoint, src: DeltaSource, dense: str, targets: list[_ExpertTarget]) -> Iterator[Step]:
-    """Per row chunk: Δ is computed once (with the first expert that needs it) and shared."""
+    """Per row chunk: Δ is computed once (with the first expert that needs it) and shared.
+
+    Steps are planned ahead of their execution (read-ahead), so everything a step's compute
+    uses is bound to it explicitly (``partial``), never looked up in this loop's variables.
+    """
     shape = src.shapes[dense]
+    users = [i for i, t in enumerate(targets) if t.scale != 0]
     for a, b in row_chunks(shape):
-        held: dict[str, torch.Tensor] = {}
-        users = [i for i, t in enumerate(targets) if t.scale != 0]
+        held: dict[str, torch.Tensor] = {}  # this chunk's Δ, from its first user to its last
         for i, t in enumerate(targets):
             mine = Read(m, t.name, a, b)
             if t.scale == 0:
-                yield Step([mine], lambda ts, n=t.name, a=a: [(n, a, ts[0])])
+                yield Step([mine], partial(_copy_chunk, name=t.name, a=a))
                 continue
             first = i == users[0]
             reads, fn = src.delta(dense, a, b) if first else ([], None)
-            last_user = users[-1]
+            yield Step([*reads, mine], partial(_expert_chunk, name=t.name, a=a, scale=t.scale, fn=fn, held=held,
+                                               first=first, last=i == users[-1]))
 
-            def compute(ts: list[torch.Tensor], t=t, a=a, fn=fn, first=first, i=i) -> list[Out]:
-                if first:
-                    held["d"] = fn(ts[:-1])
-                d = held["d"]
-                if i == last_user:
-                    held.clear()
-                return [(t.name, a, _add(ts[-1], d, t.scale))]
 
-            yield Step([*reads, mine], compute)
+def _copy_chunk(ts: list[torch.Tensor], *, name: str, a: int | None) -> list[Out]:
+    return [(name, a, ts[0])]
+
+
+def _expert_chunk(ts: list[torch.Tensor], *, name: str, a: int | None, scale: float, fn: Any,
+                  held: dict[str, torch.Tensor], first: bool, last: bool) -> list[Out]:
+    if first:
+        held["d"] = fn(ts[:-1])
+    d = held["d"]
+    if last:
+        held.clear()
+    return [(name, a, _add(ts[-1], d, scale))]
 
 
 def _shared_steps(m: Checkpoint, src: DeltaSource, name: str, new_rows: str) -> Iterator[Step]:
