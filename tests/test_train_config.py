@@ -93,3 +93,21 @@ def test_config_objects_are_frozen_and_schema_covers_both_stages() -> None:
         cfg.train.steps = 3  # type: ignore[misc]
     schema = config_schema()
     assert {"PostPretrainConfig", "RouterReviewConfig"} <= set(schema["$defs"])
+
+
+def test_shipped_recipes_validate() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parent.parent / "recipes"
+    stages = sorted((root / "train").glob("*.yaml"))
+    assert [p.name for p in stages] == ["post_pretrain.yaml", "router_review.yaml"]
+    for p in stages:
+        cfg = load_config(p)
+        assert cfg.stage == p.stem
+    for name in ("fsdp.yaml", "zero3.yaml"):
+        acc = yaml.safe_load((root / "accelerate" / name).read_text())
+        assert acc["distributed_type"] in ("FSDP", "DEEPSPEED")
+        # precision and accumulation must come from the training config
+        assert "mixed_precision" not in acc and "gradient_accumulation_steps" not in acc.get("deepspeed_config", {})

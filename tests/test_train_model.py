@@ -125,7 +125,7 @@ def test_writer_refuses_a_frozen_tensor_that_changed(moes, tmp_path) -> None:
     ckpt, _, model, layout = _load(moes["qwen3-untied"])
     summary = apply_policy(model, layout, RouterReviewTrainable())
     state = model.state_dict()
-    state["model.layers.0.mlp.experts.gate_up.0"][0, 0] += 1e-3  # expert 0 moved: a bug must not be written
+    state["model.layers.0.mlp.experts.gate_up_0"][0, 0] += 1e-3  # expert 0 moved: a bug must not be written
     with pytest.raises(RuntimeError, match="changed during training"):
         M.write_trained(ckpt, layout, state, set(summary.trainable_names), tmp_path)
 

@@ -58,5 +58,6 @@ def test_resume_refuses_a_changed_config(world, tmp_path) -> None:
     changed["train"] = {**changed["train"], "lr": 1e-2}
     with pytest.raises(UsageError, match=r"config changed since this checkpoint \(train\.lr\)"):
         deltamoe.train(changed)
-    changed["checkpoint"] = {"resume": "never"}
-    assert deltamoe.train(changed) == out  # starting over is explicit
+    changed["checkpoint"] = {**changed["checkpoint"], "resume": "never"}
+    assert deltamoe.train(changed) == out  # starting over is explicit, and drops the stale checkpoint
+    assert sorted(p.name for p in (tmp_path / "x.run" / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]

@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,15 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
         raise UsageError(
             f"launched as {world} processes (WORLD_SIZE), but accelerate set up {acc.num_processes}; "
             "launch with torchrun or accelerate launch"
+        )
+    # an accelerate config file can override both through the environment; the config must win
+    want = "bf16" if precision == "bf16" else "no"
+    deepspeed = acc.distributed_type.name == "DEEPSPEED"  # precision lives in the DeepSpeed config there
+    if acc.gradient_accumulation_steps != grad_accum or (not deepspeed and str(acc.mixed_precision) != want):
+        raise UsageError(
+            f"the accelerate launch config sets gradient_accumulation_steps={acc.gradient_accumulation_steps}, "
+            f"mixed_precision={acc.mixed_precision}, but the training config says train.grad_accum={grad_accum}, "
+            f"train.precision={precision}; remove them from the accelerate config (deltamoe sets them)"
         )
     return acc
 
@@ -108,7 +117,6 @@ class _Run:
 
     step: int = 0
     tokens: int = 0
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _save_checkpoint(
@@ -434,6 +442,9 @@ def train(
         meta = _read_resume_meta(resume, digest, cfg, global_batch)
         if meta["format"] == "deltamoe":
             _load_own_checkpoint(resume, meta, model, optimizer, names)
+    elif cfg.checkpoint.resume == "never" and acc.is_main_process:
+        # starting over: old checkpoints of this run_dir must not be resumed or outlive new ones
+        shutil.rmtree(cfg.resolved_run_dir / "checkpoints", ignore_errors=True)
     model, optimizer = acc.prepare(model, optimizer)
     if meta is not None:
         if meta["format"] == "accelerate":
@@ -452,7 +463,7 @@ def train(
     show = cfg.logging.progress if progress is None else progress
     bar = tqdm(total=total_steps, initial=run.step, desc=cfg.stage, unit="step", file=sys.stderr,
                disable=not (show and acc.is_main_process))
-    params = [p for _, p in named]
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 swaps them
     if acc.is_main_process:
         logger.log({"kind": "setup", "step": run.step, "stage": cfg.stage, "processes": world,
                     "global_batch": global_batch, "total_steps": total_steps, "resumed_from": str(resume) if resume else None,
@@ -495,7 +506,8 @@ def train(
                     total = coef.lm * lm + coef.balance * bal + coef.lpr * lpr
                     acc.backward(total)
                     if acc.sync_gradients and cfg.train.max_grad_norm is not None:
-                        grad_norm = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                        gn = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                        grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips itself
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([total.detach(), lm.detach(), bal.detach(), lpr.detach()]).double()
@@ -529,7 +541,6 @@ def train(
             stopping = stop_after is not None and run.step - start_step >= stop_after and not last
             every = cfg.checkpoint.every
             if stopping or (every and run.step % every == 0 and not last):
-                run.data = stream.state_dict()
                 _save_checkpoint(acc, model, optimizer, names, run, stream, cfg, digest, global_batch)
             if stopping:
                 return None

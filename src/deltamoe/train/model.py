@@ -5,8 +5,9 @@ transformers 5.x holds all experts of a layer in ONE fused parameter per project
 only be trained as a whole: autograd computes the gradient of every slice, AdamW decays every
 element, and Adam moves any element whose optimizer state is non-zero. Masking all three paths
 is possible but fragile. Instead each MoE layer's experts module is replaced by
-:class:`SplitExperts`, which owns one parameter per expert (``gate_up.{e}`` [2I, H] and
-``down.{e}`` [H, I]). Frozen experts are then ordinary parameters with ``requires_grad=False``:
+:class:`SplitExperts`, which owns one parameter per expert (``gate_up_{e}`` [2I, H] and
+``down_{e}`` [H, I]; direct parameters of the module, so DeepSpeed ZeRO-3 gathers them when the
+module runs). Frozen experts are then ordinary parameters with ``requires_grad=False``:
 no gradient is computed for them, they never enter the optimizer, and DDP/FSDP ignore them.
 The forward is the stock transformers eager expert loop, operation for operation, so outputs
 are bit-identical to ``experts_implementation="eager"`` (tested).
@@ -59,9 +60,16 @@ class SplitExperts(nn.Module):
         self.num_experts = gate_up.shape[0]
         self.intermediate_dim = gate_up.shape[1] // 2
         # clone(): each expert owns its storage, so the fused tensor can be freed
-        self.gate_up = nn.ParameterList([nn.Parameter(gate_up[e].clone()) for e in range(self.num_experts)])
-        self.down = nn.ParameterList([nn.Parameter(down[e].clone()) for e in range(self.num_experts)])
+        for e in range(self.num_experts):
+            self.register_parameter(f"gate_up_{e}", nn.Parameter(gate_up[e].clone()))
+            self.register_parameter(f"down_{e}", nn.Parameter(down[e].clone()))
         self.act_fn = act_fn
+
+    def gate_up(self, e: int) -> nn.Parameter:
+        return getattr(self, f"gate_up_{e}")
+
+    def down(self, e: int) -> nn.Parameter:
+        return getattr(self, f"down_{e}")
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
@@ -71,8 +79,8 @@ class SplitExperts(nn.Module):
         for e in range(self.num_experts):
             top_k_pos, token_idx = torch.where(mask[e])
             x = hidden_states[token_idx]
-            gate, up = nn.functional.linear(x, self.gate_up[e]).chunk(2, dim=-1)
-            h = nn.functional.linear(self.act_fn(gate) * up, self.down[e])
+            gate, up = nn.functional.linear(x, self.gate_up(e)).chunk(2, dim=-1)
+            h = nn.functional.linear(self.act_fn(gate) * up, self.down(e))
             h = h * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, h.to(final.dtype))
         return final
@@ -177,8 +185,8 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
         layout.intermediate[i] = split.intermediate_dim
         for e in range(num_experts):
             g = REPLICATED_FFN if i in replicated else (ORIGINAL_EXPERT if e in original else NEW_EXPERT)
-            groups[f"{block_path}.{experts_attr}.gate_up.{e}"] = g
-            groups[f"{block_path}.{experts_attr}.down.{e}"] = g
+            groups[f"{block_path}.{experts_attr}.gate_up_{e}"] = g
+            groups[f"{block_path}.{experts_attr}.down_{e}"] = g
         groups[rparam] = REPLICATED_FFN if i in replicated else ROUTER
         for pname, _ in block.named_parameters(remove_duplicate=False):
             full = f"{block_path}.{pname}"
@@ -218,9 +226,9 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
         inter = layout.intermediate[i]
         ep = f"{lay.block}.{experts_attr}"
         for e in range(num_experts):
-            special[tmpl["gate"].format(layer=i, expert=e)] = (f"{ep}.gate_up.{e}", (0, inter))
-            special[tmpl["up"].format(layer=i, expert=e)] = (f"{ep}.gate_up.{e}", (inter, 2 * inter))
-            special[tmpl["down"].format(layer=i, expert=e)] = (f"{ep}.down.{e}", None)
+            special[tmpl["gate"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (0, inter))
+            special[tmpl["up"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (inter, 2 * inter))
+            special[tmpl["down"].format(layer=i, expert=e)] = (f"{ep}.down_{e}", None)
         special[names["router"].format(layer=i)] = (lay.router_param, None)
     for disk in ckpt.keys():
         mem, rows = special.get(disk, (disk, None))
@@ -269,6 +277,8 @@ def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any]) -> tuple[nn.Modu
                      names["expert_ffn"]["up"].format(layer=lay.index, expert=0)):
             mem, rows = layout.disk_to_mem[disk]
             t = state[mem] if rows is None else state[mem][rows[0]:rows[1]]
+            if t.is_meta:  # FSDP's low-memory loading: only rank 0 holds the weights
+                continue
             if not torch.equal(t, ckpt.read(disk).to(t.dtype)):
                 raise CheckpointError(f"{ckpt.path}: loaded {mem!r} differs from the stored {disk!r}; layout mismatch")
     return model, layout
