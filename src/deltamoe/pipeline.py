@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from deltamoe.errors import UsageError
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
 
 SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe")
@@ -102,7 +104,7 @@ def build_plan(
     """
     workdir = Path(recipe.workdir) if recipe.workdir else Path("runs") / recipe.name
     if not workdir.is_absolute():
-        workdir = recipe_dir / workdir if recipe.workdir else Path.cwd() / workdir
+        workdir = (recipe_dir / workdir if recipe.workdir else Path.cwd() / workdir).resolve()
     stages: list[StageRun] = []
     ctx: dict[str, Any] = {"workdir": workdir}
 
@@ -244,8 +246,6 @@ def build_plan(
                 evaluate(inp["model"], "toy", data=data, out=tmp / "toy", batch_size=ev.batch_size,
                          max_items=ev.max_items, progress=progress)
             if "lm_eval" in ev.suites:
-                from deltamoe.evaluate.lm_eval_bridge import run_lm_eval
-
                 run_lm_eval(inp["model"], ev.lm_eval_tasks, tmp / "lm_eval", limit=ev.lm_eval_limit,
                             batch_size=ev.batch_size)
 
@@ -296,28 +296,40 @@ def clean_stale_temporaries(workdir: Path) -> int:
     return n
 
 
-def _dense_sizes(recipe: Recipe, recipe_dir: Path) -> tuple[int, int] | None:
-    """(dense bytes, FFN bytes over all layers) of B, when it can be known without downloading it."""
+def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
+    """B's config without downloading B: the toy size, a local directory, or the local Hub cache."""
     if recipe.toy is not None:
         from deltamoe.toy import SIZES
 
-        shape = SIZES[recipe.toy.size].model
-        vocab = SIZES[recipe.toy.size].vocab_size
-        h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
-        kv = h * shape.num_key_value_heads // shape.num_attention_heads
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-        params = n * per_layer + 2 * vocab * h + h
-        return params * 4, n * 3 * h * i * 4
+        cfg = SIZES[recipe.toy.size]
+        return {**cfg.model.model_dump(), "vocab_size": cfg.vocab_size, "torch_dtype": "float32"}
     assert recipe.models is not None
     p = Path(recipe.models.base).expanduser()
     p = recipe_dir / p if not p.is_absolute() and (recipe_dir / p).exists() else p
-    if not (p / "config.json").is_file():
-        return None
-    c = _param_counts(p)
-    from deltamoe.checkpoint import Checkpoint, itemsize
+    if (p / "config.json").is_file():
+        return json.loads((p / "config.json").read_text())
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-    width = itemsize(next(iter(Checkpoint(p).tensors.values())).spec.dtype)
-    return c["total"] * width, c["ffn_per_layer"] * c["layers"] * width
+        cached = try_to_load_from_cache(recipe.models.base, "config.json")
+    except Exception:  # not a valid repo id
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def _dense_sizes(recipe: Recipe, recipe_dir: Path) -> tuple[int, int] | None:
+    """(dense bytes, FFN bytes over all layers) of B, estimated from its config (Llama-like layout)."""
+    c = _base_config(recipe, recipe_dir)
+    if c is None:
+        return None
+    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads", heads) * hd
+    per_layer = 2 * h * heads * hd + 2 * h * kv + 3 * h * i + 2 * h
+    params = n * per_layer + (1 if c.get("tie_word_embeddings") else 2) * v * h + h
+    width = {"float32": 4}.get(str(c.get("torch_dtype", c.get("dtype", "bfloat16"))), 2)
+    return params * width, n * 3 * h * i * width
 
 
 def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> dict[str, int | None]:
@@ -360,6 +372,11 @@ def run_recipe(
     from deltamoe.recipe import load_recipe, run_plan
 
     recipe, rdir = load_recipe(path)
+    if "lm_eval" in recipe.eval.suites:
+        try:
+            check_lm_eval_tasks(recipe.eval.lm_eval_tasks)
+        except ValueError as e:
+            raise UsageError(f"{path}: {e}") from None
     stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=dry_run)
     est = estimate_disk(stages, recipe, rdir)
     plan = [{"stage": s.name, "kind": s.kind, "key": s.key, "cached": s.out.is_dir(), "est_bytes": est[s.name],
@@ -377,6 +394,8 @@ def run_recipe(
     clean_stale_temporaries(workdir)
     by_name = {s.name: s for s in stages}
     executed = run_plan(stages, lambda p: _ext(p, rdir), log=log)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"workdir": str(workdir), "plan": plan, "executed": executed}
 
     from deltamoe.report import collect, format_table, write_report
 
@@ -397,3 +416,31 @@ def run_recipe(
     log("\n" + format_table(results))
     log(f"\nreport: {report}")
     return {"workdir": str(workdir), "plan": plan, "executed": executed, "report": str(report), "results": results}
+
+
+def check_lm_eval_tasks(tasks: list[str]) -> None:
+    """Every task name must exist in the installed lm-eval (its task index is local: no network)."""
+    if not tasks:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("eval suite lm_eval needs the lm-eval package (pip install lm-eval)") from None
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown}")
+
+
+def run_lm_eval(model: Path, tasks: list[str], out: Path, *, limit: int | None, batch_size: int) -> dict[str, Any]:
+    """Score a checkpoint on lm-eval tasks (the hf backend); write ``out/results.json``."""
+    import lm_eval
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=auto", tasks=tasks,
+                                  limit=limit, batch_size=batch_size, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"tasks": res["results"], "versions": res.get("versions", {}), "limit": limit}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results

@@ -279,16 +279,44 @@ def run_plan(
     """Run every stage whose output is missing, in order; return the names of the stages executed."""
     done: list[str] = []
     by_name = {s.name: s for s in stages}
+    dist = _Distributed()
     for i, s in enumerate(stages, 1):
         if s.out.is_dir():
-            log(f"[{i}/{len(stages)}] {s.name}: cached ({s.out.name})")
+            dist.log(log, f"[{i}/{len(stages)}] {s.name}: cached ({s.out.name})")
             continue
-        log(f"[{i}/{len(stages)}] {s.name}: running ...")
+        dist.log(log, f"[{i}/{len(stages)}] {s.name}: running ...")
         t0 = time.perf_counter()
         s.out.parent.mkdir(parents=True, exist_ok=True)
-        s.fn(input_paths(s, by_name, ext_path), s.out)
+        if s.kind == "train" or dist.is_main:  # training runs on every process; the rest on one
+            s.fn(input_paths(s, by_name, ext_path), s.out)
+        dist.barrier()
         if not s.out.is_dir():  # every stage function must produce its directory
             raise RuntimeError(f"stage {s.name} finished without writing {s.out}")
-        log(f"[{i}/{len(stages)}] {s.name}: done in {time.perf_counter() - t0:.0f} s")
+        dist.log(log, f"[{i}/{len(stages)}] {s.name}: done in {time.perf_counter() - t0:.0f} s")
         done.append(s.name)
     return done
+
+
+class _Distributed:
+    """Under ``accelerate launch``/``torchrun`` (several processes sharing one file system), training
+    stages run on every process and every other stage on the main process while the rest wait."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state: Any = None
+        if self.world > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState()
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def log(self, log: Callable[[str], None], msg: str) -> None:
+        if self.is_main:
+            log(msg)
