@@ -262,7 +262,7 @@ def test_paramdelta_peak_rss_is_bounded(tmp_path: Path) -> None:
     """Peak memory is the engine's buffers plus a few chunks, whatever the size of the models."""
     from deltamoe.synthetic import llama_config, write_dense
 
-    cfg = llama_config(hidden=512, intermediate=1536, layers=8, vocab=16384, heads=8, kv_heads=4)
+    cfg = llama_config(hidden=512, intermediate=1536, layers=12, vocab=16384, heads=8, kv_heads=4)
     paths = [write_dense(tmp_path / n, cfg, seed=s) for s, n in enumerate("BCP")]
     buffer = 8 * 2**20
     res = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "out"), *map(str, paths), str(buffer)],
@@ -271,8 +271,9 @@ def test_paramdelta_peak_rss_is_bounded(tmp_path: Path) -> None:
     r = json.loads(res.stdout.strip().splitlines()[-1])
     above = r["peak"] - r["baseline"]
     ck = open_checkpoint(paths[0])
-    bound = 2 * buffer + 64 * 2**20  # read-ahead + write-behind + a few 4 MB chunks in flight
+    # read-ahead + write-behind buffers, a few 4 MB chunks in flight, and what the allocator keeps
+    bound = 2 * buffer + 128 * 2**20
     print(f"peak above baseline {above / 2**20:.0f} MiB (bound {bound / 2**20:.0f}), "
           f"largest tensor {ck.largest_tensor_bytes / 2**20:.0f} MiB, each input {ck.total_bytes / 2**20:.0f} MiB")
-    assert ck.total_bytes > 2 * bound  # holding even one input model would break the bound
+    assert ck.total_bytes > 1.4 * bound  # holding even one input model would break the bound
     assert above < bound

@@ -41,7 +41,7 @@ from deltamoe.checkpoint import (
     open_checkpoint,
     write_json,
 )
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, diff32, is_float, row_chunks, run_steps
+from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, add32, diff32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.provenance import (
     hash_in_background,
@@ -313,8 +313,7 @@ def natural_key(name: str) -> list[Any]:
 
 
 def _add(m: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
-    # torch.add promotes a bf16/f16 m to float32 inside the kernel: one pass, one rounding later.
-    return torch.add(m, d) if scale == 1 else torch.add(m, d, alpha=scale)
+    return add32(m, d, scale)
 
 
 def finish_hashes(fut: Future[list[dict[str, Any]]]) -> list[dict[str, Any]]:

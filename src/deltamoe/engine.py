@@ -7,12 +7,12 @@ them into row ranges of output tensors. Elementwise work (graft, ParamΔ, task a
 delta extraction) is split into row chunks of a few MB, so memory use depends on the chunk
 size and the read-ahead budget, not on the size of the model or of its largest tensor.
 
-Three things run at once: a reader thread ``pread`` s the inputs of the next steps (and checks
-them for NaN/Inf), the calling thread computes, and a writer thread ``pwrite`` s finished
-chunks to their final place in the output shards. All three spend their time in system calls
-or torch kernels that release the GIL. Results are computed in float32 and rounded once, to
-the planned output dtype, just before writing; chunks that pass through unchanged are never
-converted at all.
+Three things run at once: a reader thread ``pread`` s the inputs of the next steps, the calling
+thread computes, and a writer thread ``pwrite`` s finished chunks to their final place in the
+output shards. All three spend their time in system calls or torch kernels that release the
+GIL. Results are computed in float32, checked for NaN/Inf (an error names the input tensor and
+file that holds them) and rounded once, to the planned output dtype, just before writing;
+chunks that pass through unchanged are never converted at all.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from deltamoe.errors import CheckpointError
 
 # Elements per chunk of elementwise work: 1M elements = 4 MB in float32. Big enough that
 # per-chunk overhead (a system call, a few kernel launches) is negligible, small enough that
-# several chunks in flight stay far below the size of one large embedding matrix.
+# several chunks in flight stay far below the size of one large embedding matrix. At this size
+# float32 temporaries are mmap'd (see _memory.py) and unmapped when freed, so peak memory
+# follows the buffers in flight; 2 MB chunks reuse heap memory (fewer page faults, same speed
+# within noise on 2 cores) but leave ~40 MB more resident.
 CHUNK_ELEMS = 1 << 20
 # Default bytes of input read ahead and of output waiting to be written (each).
 DEFAULT_BUFFER_BYTES = 32 * 2**20
@@ -106,19 +109,27 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+# Both helpers convert every operand to float32 before the arithmetic: torch's CPU kernels for
+# mixed-dtype arithmetic (bf16 + f32) take a scalar slow path, ~10x slower than converting first.
 def diff32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a - b`` in float32 as a new tensor (never modifies the inputs, which steps may share)."""
     if a.dtype == torch.float32:
-        return torch.sub(a, b)
-    return a.float().sub_(b)
+        return torch.sub(a, f32(b))
+    return a.float().sub_(f32(b))
+
+
+def add32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``a + alpha * b`` in float32 (``b`` float32) as a new tensor; the inputs are not modified."""
+    if a.dtype == torch.float32:
+        return torch.add(a, b, alpha=alpha) if alpha != 1 else torch.add(a, b)
+    return a.float().add_(b, alpha=alpha) if alpha != 1 else a.float().add_(b)
 
 
 class _Reader:
     """``pread`` row ranges of stored tensors, keeping one open descriptor per shard file."""
 
-    def __init__(self, check_finite: bool):
+    def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self.check_finite = check_finite
 
     def read(self, r: Read) -> torch.Tensor:
         info = r.ckpt.tensors.get(r.name)
@@ -143,10 +154,7 @@ class _Reader:
                 if n <= 0:
                     raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {r.name!r}")
                 done += n
-        t = buf.view(torch_dtype(spec.dtype)).reshape(shape)
-        if self.check_finite and t.is_floating_point():
-            _check_finite(t, r, info.file)
-        return t
+        return buf.view(torch_dtype(spec.dtype)).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -154,21 +162,32 @@ class _Reader:
         self._fds.clear()
 
 
-def _check_finite(t: torch.Tensor, r: Read, file: Path) -> None:
-    # One reduction pass: NaN and Inf propagate into the sum. Only if the sum is not finite do
-    # we pay for the exact elementwise check (the sum of finite values can overflow, too).
+def _finite(t: torch.Tensor) -> bool:
+    # One reduction pass: NaN and Inf propagate into the sum. The sum of finite values can
+    # overflow too, so a non-finite sum is confirmed elementwise before anyone is blamed.
     if torch.isfinite(t.sum(dtype=torch.float32)):
-        return
-    bad = (~torch.isfinite(t)).nonzero()
-    if len(bad):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _blame(step: Step, tensors: list[torch.Tensor], name: str) -> CheckpointError:
+    """The error for a non-finite result: name the input tensor (and file) that holds NaN/Inf."""
+    for r, t in zip(step.reads, tensors):
+        if not t.is_floating_point() or _finite(t):
+            continue
+        bad = (~torch.isfinite(t)).nonzero()
         idx = bad[0].tolist()
+        value = t[tuple(idx)].item()
         if r.start is not None and idx:
             idx[0] += r.start
-        value = t[tuple(bad[0].tolist())].item()
-        raise CheckpointError(
-            f"{file}: tensor {r.name!r} contains {int(bad.shape[0])} non-finite value(s) "
+        return CheckpointError(
+            f"{r.ckpt.tensors[r.name].file}: tensor {r.name!r} contains {int(bad.shape[0])} non-finite value(s) "
             f"(first: {value} at index {idx}); the checkpoint is corrupt or diverged, refusing to use it"
         )
+    return CheckpointError(
+        f"output tensor {name!r}: the result is not finite although its inputs are (it overflows float32); "
+        "check the scale/weights"
+    )
 
 
 def run_steps(
@@ -189,7 +208,7 @@ def run_steps(
     Raises the first error of any of the three threads; the caller aborts the writer.
     """
     return_large_frees_to_os()  # chunk buffers are freed back to the OS, not kept in the heap
-    reader = _Reader(check_finite)
+    reader = _Reader()
     read_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-read")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-write")
     total = sum(s.nbytes for s in planned.values())
@@ -227,6 +246,12 @@ def run_steps(
         else:
             writer.write_rows(name, start, t)
 
+    # The pipeline keeps a reader, a writer and a hashing thread busy beside the computation.
+    # Leave them a core: torch's OpenMP workers spin-wait between kernels, and on a small
+    # machine they would spin on the cores the I/O threads need (measured on 2 cores: 2.5x
+    # the CPU time of one compute thread, and slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
     try:
         fill()
         while reads_ahead:
@@ -237,6 +262,10 @@ def run_steps(
             tensors = [uniq[i] for i in index]
             del uniq
             for name, start, t in step.compute(tensors):
+                # NaN/Inf in any input reaches some output: checking the outputs (in float32,
+                # before rounding) covers the inputs at a fraction of the cost of checking them.
+                if check_finite and t.is_floating_point() and not _finite(t):
+                    raise _blame(step, tensors, name)
                 spec = planned[name]
                 dt = torch_dtype(spec.dtype)
                 if t.dtype != dt:
@@ -256,6 +285,7 @@ def run_steps(
             wf.result()
             bar.update(wn)
     finally:
+        torch.set_num_threads(threads)
         for pending in [*(x[2] for x in reads_ahead), *(w[0] for w in writes)]:
             pending.cancel()
         read_pool.shutdown(wait=True)

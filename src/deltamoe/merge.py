@@ -61,7 +61,7 @@ from deltamoe.delta import (
     refuse_new_rows,
     set_config_dtype,
 )
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, f32, row_chunks, run_steps
+from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, add32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
@@ -331,7 +331,7 @@ def merge(
                     else:
                         mixed = combine(deltas, weights, consensus=consensus, normalize=bool(normalize), lambda_=lambda_)
                     del deltas
-                    o = torch.add(ts[0], mixed)  # promotes a low-precision anchor to float32
+                    o = add32(ts[0], mixed)
                     if mean is not None:
                         mean.add(o)
                     return [(n, a, o)]
