@@ -53,8 +53,16 @@ def build(work: Path, name: str) -> Path:
 
     kw = MODELS[name][0]
     dense = write_dense(work / f"{name}-dense", llama_config(**kw), dtype=torch.float32)
-    return upcycle(dense, work / f"{name}-moe", num_experts=EXPERTS, top_k=TOP_K, noise=0.1, seed=0,
-                   allocation={"en": [0], "xx": list(range(1, EXPERTS))}, progress=False)
+    return upcycle(
+        dense,
+        work / f"{name}-moe",
+        num_experts=EXPERTS,
+        top_k=TOP_K,
+        noise=0.1,
+        seed=0,
+        allocation={"en": [0], "xx": list(range(1, EXPERTS))},
+        progress=False,
+    )
 
 
 # -- one variant, in its own process ------------------------------------------------------
@@ -126,8 +134,12 @@ def worker(variant: str, model_dir: Path, mb: int, seq: int, steps: int, warmup:
         step(ids)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     frozen_ok = all(torch.equal(a, b) for a, b in zip(before, expert0(), strict=True))
-    return {"tokens_per_s_cpu": steps * mb * seq / cpu, "tokens_per_s_wall": steps * mb * seq / wall,
-            "expert0_unchanged": frozen_ok, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "tokens_per_s_cpu": steps * mb * seq / cpu,
+        "tokens_per_s_wall": steps * mb * seq / wall,
+        "expert0_unchanged": frozen_ok,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def end_to_end(work: Path, name: str, moe: Path, mb: int, seq: int, steps: int, threads: int) -> dict:
@@ -137,13 +149,23 @@ def end_to_end(work: Path, name: str, moe: Path, mb: int, seq: int, steps: int, 
     vocab = MODELS[name][0]["vocab"]
     rng = random.Random(0)
     corpus = work / f"{name}-corpus.txt"
-    corpus.write_text("\n".join(" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(rng.randint(50, 400)))
-                                for _ in range(max(200, steps * mb * seq // 150))) + "\n")
+    corpus.write_text(
+        "\n".join(
+            " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(rng.randint(50, 400)))
+            for _ in range(max(200, steps * mb * seq // 150))
+        )
+        + "\n"
+    )
     out = work / f"{name}-trained"
-    cfg = {"stage": "post_pretrain", "model": str(moe), "output": str(out), "run_dir": str(work / f"{name}-run"),
-           "data": {"sources": [{"path": str(corpus), "lang": "xx"}], "seq_len": seq, "heldout_fraction": 0.0},
-           "train": {"steps": steps, "micro_batch_size": mb, "lr": 1e-4, "max_grad_norm": None},
-           "logging": {"every": 2, "tensorboard": False, "progress": False}}
+    cfg = {
+        "stage": "post_pretrain",
+        "model": str(moe),
+        "output": str(out),
+        "run_dir": str(work / f"{name}-run"),
+        "data": {"sources": [{"path": str(corpus), "lang": "xx"}], "seq_len": seq, "heldout_fraction": 0.0},
+        "train": {"steps": steps, "micro_batch_size": mb, "lr": 1e-4, "max_grad_norm": None},
+        "logging": {"every": 2, "tensorboard": False, "progress": False},
+    }
     path = work / f"{name}-train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     exe = Path(sys.executable).parent / "deltamoe"
@@ -175,39 +197,64 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deltamoe-bench-train-"))
     names = ["tiny"] if args.quick else list(MODELS)
     repeats = 1 if args.quick else args.repeats
-    results: dict[str, dict] = {"machine": machine(), "threads": args.threads,
-                                "warmup": args.warmup, "repeats": repeats, "experts": EXPERTS, "top_k": TOP_K,
-                                "models": {}}
+    results: dict[str, dict] = {
+        "machine": machine(),
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": repeats,
+        "experts": EXPERTS,
+        "top_k": TOP_K,
+        "models": {},
+    }
     for name in names:
         moe = build(work, name)
         _, mb, seq, default_steps = MODELS[name]
         steps = args.steps or default_steps
         print(f"== {name}: micro batch {mb} x seq {seq}, {EXPERTS} experts top-{TOP_K}", flush=True)
-        last: dict[str, dict] = {}
         runs: dict[str, list[dict]] = {}
 
-        def run(variant: str, moe=moe, mb=mb, seq=seq, steps=steps) -> dict:
+        def run(variant: str, moe=moe, mb=mb, seq=seq, steps=steps, runs=runs) -> dict:
             import subprocess
 
-            res = subprocess.run([sys.executable, "-m", "bench.bench_train", "--warmup", str(args.warmup),
-                                  "--threads", str(args.threads), "--worker", variant, str(moe), str(mb), str(seq),
-                                  str(steps)], capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bench_train",
+                    "--warmup",
+                    str(args.warmup),
+                    "--threads",
+                    str(args.threads),
+                    "--worker",
+                    variant,
+                    str(moe),
+                    str(mb),
+                    str(seq),
+                    str(steps),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
             if res.returncode != 0:
                 raise RuntimeError(f"{variant} failed: {res.stderr[-3000:]}")
             r = json.loads(res.stdout.strip().splitlines()[-1])
-            last[variant] = r
             runs.setdefault(variant, []).append(r)
-            r["wall"] = steps * mb * seq / r["tokens_per_s_cpu"]  # alternate() prints it: CPU seconds of the timed steps
+            r["wall"] = steps * mb * seq / r["tokens_per_s_cpu"]  # what alternate() prints: CPU seconds
             return r
 
         variants = {v: (lambda v=v: run(v)) for v in ("deltamoe", "stock-grouped_mm", "stock-eager")}
         med = alternate(variants, repeats)
-        rows = {v: {"tokens_per_s_cpu": statistics.median(r["tokens_per_s_cpu"] for r in runs[v]),
-                    "tokens_per_s_wall": statistics.median(r["tokens_per_s_wall"] for r in runs[v]),
-                    "cpu_runs": [round(r["tokens_per_s_cpu"]) for r in runs[v]],
-                    "peak_rss": med[v]["peak_rss"], "expert0_unchanged": all(r["expert0_unchanged"] for r in runs[v])}
-                for v in variants}
+        rows = {
+            v: {
+                "tokens_per_s_cpu": statistics.median(r["tokens_per_s_cpu"] for r in runs[v]),
+                "tokens_per_s_wall": statistics.median(r["tokens_per_s_wall"] for r in runs[v]),
+                "cpu_runs": [round(r["tokens_per_s_cpu"]) for r in runs[v]],
+                "peak_rss": med[v]["peak_rss"],
+                "expert0_unchanged": all(r["expert0_unchanged"] for r in runs[v]),
+            }
+            for v in variants
+        }
         rows["deltamoe train (end to end)"] = end_to_end(work, name, moe, mb, seq, steps, args.threads)
         base = rows["deltamoe"]
         for v, r in rows.items():
@@ -215,8 +262,10 @@ def main() -> None:
                 r["deltamoe_speedup_cpu"] = base["tokens_per_s_cpu"] / r["tokens_per_s_cpu"]
             r["deltamoe_speedup_wall"] = base["tokens_per_s_wall"] / r["tokens_per_s_wall"]
             cpu = f"{r['tokens_per_s_cpu']:8.0f} tok/s (CPU time)" if "tokens_per_s_cpu" in r else " " * 24
-            print(f"  {v:28} {cpu} {r['tokens_per_s_wall']:8.0f} tok/s (wall)  "
-                  f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"  {v:28} {cpu} {r['tokens_per_s_wall']:8.0f} tok/s (wall)  peak RSS {r['peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
         results["models"][name] = {"micro_batch": mb, "seq_len": seq, "steps": steps, **MODELS[name][0], "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

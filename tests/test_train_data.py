@@ -40,7 +40,9 @@ def test_every_format_reads_with_tags(tmp_path, tokenizer) -> None:
     import pyarrow.parquet as pq
 
     en, xx = documents("en", 6, 0), documents("xx", 6, 0)
-    jl = write_jsonl(tmp_path / "a.jsonl", [{"text": en[0], "lang": "en"}, {"text": xx[0]}, {"text": xx[1], "lang": None}])
+    jl = write_jsonl(
+        tmp_path / "a.jsonl", [{"text": en[0], "lang": "en"}, {"text": xx[0]}, {"text": xx[1], "lang": None}]
+    )
     txt = write_txt(tmp_path / "b.txt", en[1:3])
     pq.write_table(pa.table({"body": [xx[2], en[3]], "language": ["xx", "en"]}), tmp_path / "c.parquet")
     datasets.Dataset.from_dict({"text": [en[4]], "lang": ["en"]}).save_to_disk(str(tmp_path / "d"))
@@ -56,13 +58,24 @@ def test_every_format_reads_with_tags(tmp_path, tokenizer) -> None:
     for si, src in enumerate(c.sources):
         doc = D._Doc(src, LANGS)
         got += [(si, *doc(r, k)) for k, r in enumerate(D._records(src, 0))]
-    assert got == [(0, en[0], 0), (0, xx[0], 1), (0, xx[1], 1), (1, en[1], 0), (1, en[2], 0),
-                   (2, xx[2], 1), (2, en[3], 0), (3, en[4], 0)]
+    assert got == [
+        (0, en[0], 0),
+        (0, xx[0], 1),
+        (0, xx[1], 1),
+        (1, en[1], 0),
+        (1, en[2], 0),
+        (2, xx[2], 1),
+        (2, en[3], 0),
+        (3, en[4], 0),
+    ]
 
 
 def test_packing_keeps_token_languages_and_document_order(tmp_path, tokenizer) -> None:
     en, xx = documents("en", 3, 1), documents("xx", 3, 1)
-    recs = [{"text": t, "lang": lang} for t, lang in zip([en[0], xx[0], en[1], xx[1]], ["en", "xx", "en", "xx"], strict=True)]
+    recs = [
+        {"text": t, "lang": lang}
+        for t, lang in zip([en[0], xx[0], en[1], xx[1]], ["en", "xx", "en", "xx"], strict=True)
+    ]
     recs.insert(2, {"text": en[2]})  # untagged, no source tag
     src = write_jsonl(tmp_path / "m.jsonl", recs)
     stream = D.TrainStream(cfg([{"path": str(src)}]), tokenizer, LANGS, seed=0)
@@ -82,8 +95,12 @@ def test_packing_keeps_token_languages_and_document_order(tmp_path, tokenizer) -
 def test_weights_mix_in_proportion_and_epochs_repeat(tmp_path, tokenizer) -> None:
     a = write_txt(tmp_path / "en.txt", documents("en", 20, 2))
     b = write_txt(tmp_path / "xx.txt", documents("xx", 20, 2))
-    stream = D.TrainStream(cfg([{"path": str(a), "lang": "en", "weight": 3.0}, {"path": str(b), "lang": "xx", "weight": 1.0}]),
-                           tokenizer, LANGS, seed=0)
+    stream = D.TrainStream(
+        cfg([{"path": str(a), "lang": "en", "weight": 3.0}, {"path": str(b), "lang": "xx", "weight": 1.0}]),
+        tokenizer,
+        LANGS,
+        seed=0,
+    )
     _all_docs(stream, 400)  # far more than one epoch of either source
     drawn = [stream.cursor[i]["epoch"] * 20 + stream.cursor[i]["docs"] for i in (0, 1)]
     assert 2.6 < drawn[0] / drawn[1] < 3.4  # documents are drawn 3:1
@@ -116,12 +133,15 @@ def test_heldout_is_disjoint_from_training_and_capped(tmp_path, tokenizer) -> No
     ids, _ = _all_docs(stream, train_tokens // 16)
     expect = [t for d in docs if d not in held_docs for t in tok(d)]
     assert ids == expect[: len(ids)]
-    capped = D.build_heldout(cfg([{"path": str(src), "lang": "xx"}], heldout_fraction=0.2, heldout_max_tokens=50),
-                             tokenizer, LANGS, seed=0)
+    capped = D.build_heldout(
+        cfg([{"path": str(src), "lang": "xx"}], heldout_fraction=0.2, heldout_max_tokens=50), tokenizer, LANGS, seed=0
+    )
     assert capped.tokens == 50 and all(len(x) <= 16 for x in capped.ids)
     # an eval_only source is held out whole and never trained on
-    c2 = cfg([{"path": str(src), "lang": "xx", "eval_only": True}, {"path": str(src), "lang": "en"}],
-             heldout_max_tokens=10**6)
+    c2 = cfg(
+        [{"path": str(src), "lang": "xx", "eval_only": True}, {"path": str(src), "lang": "en"}],
+        heldout_max_tokens=10**6,
+    )
     assert D.build_heldout(c2, tokenizer, LANGS, 0).tokens == sum(len(tok(d)) for d in docs)
     assert set(_all_docs(D.TrainStream(c2, tokenizer, LANGS, 0), 5)[1]) == {0}
 
@@ -130,8 +150,11 @@ def test_heldout_is_disjoint_from_training_and_capped(tmp_path, tokenizer) -> No
 def test_stream_state_resumes_exactly(tmp_path, tokenizer, shuffle) -> None:
     a = write_txt(tmp_path / "en.txt", documents("en", 15, 5))
     b = write_jsonl(tmp_path / "xx.jsonl", [{"text": d, "lang": "xx"} for d in documents("xx", 15, 5)])
-    c = cfg([{"path": str(a), "lang": "en", "weight": 1}, {"path": str(b), "weight": 2}], shuffle_buffer=shuffle,
-            heldout_fraction=0.1)
+    c = cfg(
+        [{"path": str(a), "lang": "en", "weight": 1}, {"path": str(b), "weight": 2}],
+        shuffle_buffer=shuffle,
+        heldout_fraction=0.1,
+    )
     full = D.TrainStream(c, tokenizer, LANGS, seed=3)
     first = full.take(30)
     state = json.loads(json.dumps(full.state_dict()))  # survives JSON
@@ -144,7 +167,9 @@ def test_stream_state_resumes_exactly(tmp_path, tokenizer, shuffle) -> None:
 
 
 def test_shuffle_buffer_mixes_a_sorted_source(tmp_path, tokenizer) -> None:
-    recs = [{"text": d, "lang": "en"} for d in documents("en", 40, 6)] + [{"text": d, "lang": "xx"} for d in documents("xx", 40, 6)]
+    recs = [{"text": d, "lang": "en"} for d in documents("en", 40, 6)] + [
+        {"text": d, "lang": "xx"} for d in documents("xx", 40, 6)
+    ]
     src = write_jsonl(tmp_path / "sorted.jsonl", recs)
     plain = D.TrainStream(cfg([{"path": str(src)}]), tokenizer, LANGS, 0)
     mixed = D.TrainStream(cfg([{"path": str(src)}], shuffle_buffer=80), tokenizer, LANGS, 0)
@@ -162,7 +187,9 @@ def test_bad_sources_are_named(tmp_path, tokenizer) -> None:
         D.check_sources(cfg([{"path": str(blank)}]), LANGS)
     with pytest.raises(DataError, match=r"missing\.txt: no such file"):
         D.check_sources(cfg([{"path": str(tmp_path / "missing.txt")}]), LANGS)
-    with pytest.raises(DataError, match=r"language tag 'fr' is not in the model's expert allocation \(en=\[0\], xx=\[1, 2\]\)"):
+    with pytest.raises(
+        DataError, match=r"language tag 'fr' is not in the model's expert allocation \(en=\[0\], xx=\[1, 2\]\)"
+    ):
         D.check_sources(cfg([{"path": str(write_txt(tmp_path / "fr.txt", ["bonjour"])), "lang": "fr"}]), LANGS)
     tagged = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "lang": "en"}, {"text": "y", "lang": "de"}])
     with pytest.raises(DataError, match=r"t\.jsonl, record 1: language tag 'de'"):

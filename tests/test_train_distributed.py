@@ -26,19 +26,33 @@ def test_two_processes_match_one(tmp_path_factory, tmp_path) -> None:
     world = get_world(tmp_path_factory)
     sources = [{"path": str(world.xx), "lang": "xx"}, {"path": str(world.en), "lang": "en", "weight": 0.5}]
     stage = {"stage": "router_review", "trainable": {"new_experts": True}, "checkpoint": {"every": 4}}
-    one = base_config(world.moe, tmp_path / "one", sources, train={"steps": 8, "micro_batch_size": 2, "grad_accum": 2},
-                      **stage)
-    two = base_config(world.moe, tmp_path / "two", sources, train={"steps": 8, "micro_batch_size": 2, "grad_accum": 1},
-                      **stage)
+    one = base_config(
+        world.moe, tmp_path / "one", sources, train={"steps": 8, "micro_batch_size": 2, "grad_accum": 2}, **stage
+    )
+    two = base_config(
+        world.moe, tmp_path / "two", sources, train={"steps": 8, "micro_batch_size": 2, "grad_accum": 1}, **stage
+    )
     deltamoe.train(one)
     cfg = tmp_path / "two.yaml"
     cfg.write_text(yaml.safe_dump(two))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python",
-         str(Path(sys.executable).parent / "deltamoe"), "train", str(cfg), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            str(Path(sys.executable).parent / "deltamoe"),
+            "train",
+            str(cfg),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports

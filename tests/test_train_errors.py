@@ -44,16 +44,25 @@ def test_language_tag_not_in_allocation(world, tmp_path) -> None:
 
 def test_sequence_longer_than_the_model(world, tmp_path) -> None:
     cfg = base_config(world.moe, tmp_path / "out", [{"path": str(world.xx), "lang": "xx"}], data={"seq_len": 129})
-    _expect_error(tmp_path, cfg, r"data\.seq_len = 129 exceeds the model's maximum sequence length "
-                                 r"\(max_position_embeddings = 128")
+    _expect_error(
+        tmp_path,
+        cfg,
+        r"data\.seq_len = 129 exceeds the model's maximum sequence length "
+        r"\(max_position_embeddings = 128",
+    )
 
 
 def test_misspelt_config_field(world, tmp_path) -> None:
     cfg = base_config(world.moe, tmp_path / "out", [{"path": str(world.xx), "lang": "xx"}])
     cfg["train"]["micro_batch"] = 2
     _expect_error(tmp_path, cfg, r"train\.micro_batch: unknown field \(did you mean 'micro_batch_size'\?\)")
-    _expect_error(tmp_path, base_config(world.moe, tmp_path / "out", [{"path": str(world.xx)}]),
-                  r"losses\.lprr: unknown field", "--set", "losses.lprr=1")
+    _expect_error(
+        tmp_path,
+        base_config(world.moe, tmp_path / "out", [{"path": str(world.xx)}]),
+        r"losses\.lprr: unknown field",
+        "--set",
+        "losses.lprr=1",
+    )
 
 
 def test_model_that_is_not_an_upcycled_moe(world, tmp_path) -> None:
@@ -75,8 +84,9 @@ def test_existing_output_and_budget_too_small(world, tmp_path) -> None:
     res = run_cli(tmp_path, cfg)
     assert res.exit_code == 1 and "already exists; pass --force" in res.output
     (tmp_path / "out").rmdir()
-    cfg = base_config(world.moe, tmp_path / "out", [{"path": str(world.xx), "lang": "xx", "tokens": 100}],
-                      train={"steps": None})
+    cfg = base_config(
+        world.moe, tmp_path / "out", [{"path": str(world.xx), "lang": "xx", "tokens": 100}], train={"steps": None}
+    )
     _expect_error(tmp_path, cfg, r"the token budgets fill 3 sequences, less than one global batch \(4\)")
 
 

@@ -91,7 +91,9 @@ def test_lpr_untagged_tokens_contribute_nothing() -> None:
     moved = [t.clone() for t in LOGITS]
     for t in moved:
         t[2] = torch.tensor([9.0, -9.0, 3.0])
-    assert L.lpr_loss(moved, TOKEN_LANG, allowed).item() == pytest.approx(L.lpr_loss(LOGITS, TOKEN_LANG, allowed).item())
+    assert L.lpr_loss(moved, TOKEN_LANG, allowed).item() == pytest.approx(
+        L.lpr_loss(LOGITS, TOKEN_LANG, allowed).item()
+    )
     # nothing tagged: exactly zero, with a (zero) gradient path
     lg2 = [t.clone().requires_grad_(True) for t in LOGITS]
     zero = L.lpr_loss(lg2, torch.full((5,), -1), allowed)

@@ -21,8 +21,17 @@ def moes(dense_model, tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("train-model")
     out = {}
     for variant, layers in CASES:
-        out[variant] = upcycle(dense_model(variant), root / variant, num_experts=3, top_k=2, layers=layers,
-                               allocation={"en": [0], "xx": [1, 2]}, noise=0.5, seed=1, progress=False)
+        out[variant] = upcycle(
+            dense_model(variant),
+            root / variant,
+            num_experts=3,
+            top_k=2,
+            layers=layers,
+            allocation={"en": [0], "xx": [1, 2]},
+            noise=0.5,
+            seed=1,
+            progress=False,
+        )
     return out
 
 
@@ -58,7 +67,7 @@ def test_layout_maps_every_tensor_and_classifies_groups(moes, variant) -> None:
     assert set(layout.disk_to_mem) == set(ckpt.keys())
     state = model.state_dict()
     for disk, (mem, rows) in layout.disk_to_mem.items():
-        t = state[mem] if rows is None else state[mem][rows[0]:rows[1]]
+        t = state[mem] if rows is None else state[mem][rows[0] : rows[1]]
         assert torch.equal(t, ckpt.read(disk).float()), disk
     groups = set(layout.groups.values())
     assert {M.ORIGINAL_EXPERT, M.NEW_EXPERT, M.ROUTER, M.ATTENTION, M.NORM, M.EMBEDDING} <= groups
@@ -82,8 +91,7 @@ def test_policy_trains_exactly_the_allowed_groups(moes) -> None:
     s2 = apply_policy(model, layout, RouterReviewTrainable())
     assert {layout.groups[n] for n in s2.trainable_names} == {M.ROUTER}
     s3 = apply_policy(model, layout, PostPretrainTrainable(attention=True, norms=True, embeddings=True))
-    assert {layout.groups[n] for n in s3.trainable_names} == {M.NEW_EXPERT, M.ROUTER, M.ATTENTION, M.NORM,
-                                                               M.EMBEDDING}
+    assert {layout.groups[n] for n in s3.trainable_names} == {M.NEW_EXPERT, M.ROUTER, M.ATTENTION, M.NORM, M.EMBEDDING}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(layout.groups[n] in (M.ORIGINAL_EXPERT, M.REPLICATED_FFN) for n in frozen)
 
@@ -109,8 +117,7 @@ def test_frozen_experts_stay_bit_identical_under_adamw_with_weight_decay(moes, v
             assert torch.equal(p, before[n]), f"{n} moved"
             assert p.grad is None  # no gradient was even computed
     # the writer copies frozen tensors only after checking memory still equals the file
-    counts = M.write_trained(ckpt, layout, model.state_dict(), set(summary.trainable_names),
-                             _empty_dir(moes[variant]))
+    counts = M.write_trained(ckpt, layout, model.state_dict(), set(summary.trainable_names), _empty_dir(moes[variant]))
     assert counts["frozen_verified"] > 0 and counts["frozen_unverified"] == 0
 
 

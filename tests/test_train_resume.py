@@ -19,12 +19,20 @@ def world(tmp_path_factory):
 def _cfg(world, out):
     # accumulation, warmup + cosine, weight decay and a shuffle buffer: every piece of state matters
     return base_config(
-        world.moe, out,
+        world.moe,
+        out,
         [{"path": str(world.xx), "lang": "xx", "weight": 2}, {"path": str(world.en), "lang": "en", "weight": 1}],
         stage="router_review",
         data={"shuffle_buffer": 16},
-        train={"steps": 10, "grad_accum": 2, "micro_batch_size": 2, "lr_schedule": "cosine", "warmup_steps": 3,
-               "min_lr_ratio": 0.1, "weight_decay": 0.1},
+        train={
+            "steps": 10,
+            "grad_accum": 2,
+            "micro_batch_size": 2,
+            "lr_schedule": "cosine",
+            "warmup_steps": 3,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.1,
+        },
         trainable={"new_experts": True, "norms": True},
         checkpoint={"every": 3, "keep_last": 2},
     )
@@ -47,6 +55,11 @@ def test_resume_after_interruption_is_bit_identical(world, tmp_path) -> None:
         assert torch.equal(a.read(k), b.read(k)), k
         changed += not torch.equal(a.read(k), open_checkpoint(world.moe).read(k))
     assert changed > 0
+    from deltamoe.provenance import read_manifest
+
+    result = read_manifest(part)["stages"][-1]["params"]["result"]
+    assert result["heldout_loss_before"] == read_manifest(full)["stages"][-1]["params"]["result"]["heldout_loss_before"]
+    assert result["heldout_loss_before"] is not None
     log = (tmp_path / "part.run" / "logs" / "train.jsonl").read_text()
     assert '"resumed_from": "' in log and "step-0000005" in log
 

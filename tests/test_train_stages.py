@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from train_world import base_config, get_world, make_moe, stock_measure, write_txt, documents
+from train_world import base_config, documents, get_world, make_moe, stock_measure, write_txt
 
 import deltamoe
 from deltamoe.checkpoint import TOKENIZER_FILES, open_checkpoint
@@ -28,9 +28,11 @@ def world(tmp_path_factory):
 def stage1(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1") / "cpt"
     cfg = base_config(
-        world.moe, out,
+        world.moe,
+        out,
         [{"path": str(world.xx), "lang": "xx"}, {"path": str(world.en), "lang": "en", "eval_only": True}],
-        train={"steps": 40}, logging={"tensorboard": True},
+        train={"steps": 40},
+        logging={"tensorboard": True},
     )
     assert deltamoe.train(cfg) == out
     return out
@@ -40,9 +42,11 @@ def stage1(world, tmp_path_factory):
 def stage2(world, stage1):
     out = stage1.parent / "review"
     cfg = base_config(
-        stage1, out,
+        stage1,
+        out,
         [{"path": str(world.en), "lang": "en", "weight": 1}, {"path": str(world.xx), "lang": "xx", "weight": 1}],
-        stage="router_review", train={"steps": 30},
+        stage="router_review",
+        train={"steps": 30},
     )
     assert deltamoe.train(cfg) == out
     return out
@@ -61,13 +65,22 @@ def _diff(a, b) -> tuple[set[str], set[str]]:
 def test_stage1_freezes_the_original_model_bit_for_bit(world, stage1) -> None:
     same, changed = _diff(world.moe, stage1)
     # new experts (1, 2) and the routers changed, in every layer
-    expected = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight" for i in range(2) for e in (1, 2)
-                for w in ("w1", "w2", "w3")} | {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
+    expected = {
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+        for i in range(2)
+        for e in (1, 2)
+        for w in ("w1", "w2", "w3")
+    } | {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
     assert changed == expected
     # everything else is byte-identical: expert 0, attention, embeddings, norms, LM head
     assert {f"model.layers.{i}.block_sparse_moe.experts.0.w1.weight" for i in range(2)} <= same
-    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-            "model.layers.0.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight"} <= same
+    assert {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+    } <= same
 
 
 def test_stage1_lowers_new_language_heldout_loss(world, stage1) -> None:
@@ -143,8 +156,9 @@ def test_other_families_keep_dense_and_inert_tensors(tmp_path, variant, layers) 
     moe = make_moe(tmp_path / variant, variant=variant, experts=3, top_k=2, layers=layers)
     xx = write_txt(tmp_path / "xx.txt", documents("xx", 60, 3))
     out = tmp_path / "out"
-    deltamoe.train(base_config(moe, out, [{"path": str(xx), "lang": "xx"}], train={"steps": 4},
-                               trainable={"norms": True}))
+    deltamoe.train(
+        base_config(moe, out, [{"path": str(xx), "lang": "xx"}], train={"steps": 4}, trainable={"norms": True})
+    )
     same, changed = _diff(moe, out)
     assert changed and all(".experts.0." not in k and "shared_expert" not in k for k in changed)
     if variant == "qwen3-untied":  # layer 1 stays a dense MLP: frozen
@@ -152,4 +166,6 @@ def test_other_families_keep_dense_and_inert_tensors(tmp_path, variant, layers) 
         assert dense and dense <= same
     assert any("norm" in k for k in changed)
     if variant == "qwen2-tied":
-        assert {k for k in same if "shared_expert" in k} == {k for k in open_checkpoint(moe).keys() if "shared_expert" in k}
+        assert {k for k in same if "shared_expert" in k} == {
+            k for k in open_checkpoint(moe).keys() if "shared_expert" in k
+        }

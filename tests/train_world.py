@@ -26,8 +26,10 @@ XX_WORDS = {
 
 def en_sentence(rng: random.Random) -> str:
     w = EN_WORDS
-    return (f"{rng.choice(w['det'])} {rng.choice(w['adj'])} {rng.choice(w['noun'])} {rng.choice(w['verb'])} "
-            f"{rng.choice(w['det'])} {rng.choice(w['noun'])} .")
+    return (
+        f"{rng.choice(w['det'])} {rng.choice(w['adj'])} {rng.choice(w['noun'])} {rng.choice(w['verb'])} "
+        f"{rng.choice(w['det'])} {rng.choice(w['noun'])} ."
+    )
 
 
 def xx_sentence(rng: random.Random) -> str:
@@ -63,25 +65,45 @@ def save_tokenizer(directory: Path) -> None:
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
     tok.train_from_iterator(documents("en", 200, 99) + documents("xx", 200, 99), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(directory)
 
 
-def make_moe(root: Path, *, variant: str = "llama-untied-gqa", experts: int = 3, top_k: int = 1,
-             layers: str = "all", seed: int = 0, allocation: dict | None = None, noise: float = 0.0,
-             **dense_overrides) -> Path:
+def make_moe(
+    root: Path,
+    *,
+    variant: str = "llama-untied-gqa",
+    experts: int = 3,
+    top_k: int = 1,
+    layers: str = "all",
+    seed: int = 0,
+    allocation: dict | None = None,
+    noise: float = 0.0,
+    **dense_overrides,
+) -> Path:
     """Tiny dense model + tokenizer, upcycled with en -> expert 0 and xx -> the new experts."""
     from tiny_models import make_dense
 
     from deltamoe.upcycle import upcycle
 
-    dense = make_dense(variant, root / "dense", seed=seed, layers=dense_overrides.pop("num_layers", 2),
-                       **dense_overrides)
+    dense = make_dense(
+        variant, root / "dense", seed=seed, layers=dense_overrides.pop("num_layers", 2), **dense_overrides
+    )
     save_tokenizer(dense)
     alloc = allocation if allocation is not None else {"en": [0], "xx": list(range(1, experts))}
-    return upcycle(dense, root / "moe", num_experts=experts, top_k=top_k, layers=layers, allocation=alloc,
-                   noise=noise, seed=seed, progress=False)
+    return upcycle(
+        dense,
+        root / "moe",
+        num_experts=experts,
+        top_k=top_k,
+        layers=layers,
+        allocation=alloc,
+        noise=noise,
+        seed=seed,
+        progress=False,
+    )
 
 
 def base_config(moe: Path, out: Path, sources: list[dict], **sections) -> dict:
@@ -92,8 +114,14 @@ def base_config(moe: Path, out: Path, sources: list[dict], **sections) -> dict:
         "output": str(out),
         "seed": 0,
         "data": {"sources": sources, "seq_len": 32, "heldout_fraction": 0.1, "heldout_max_tokens": 2000},
-        "train": {"steps": 20, "micro_batch_size": 4, "grad_accum": 1, "lr": 3e-3, "lr_schedule": "constant",
-                  "max_grad_norm": 1.0},
+        "train": {
+            "steps": 20,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "lr_schedule": "constant",
+            "max_grad_norm": 1.0,
+        },
         "logging": {"every": 5, "tensorboard": False, "progress": False},
     }
     for k, v in sections.items():

@@ -43,7 +43,9 @@ class SourceConfig(_Strict):
     )
     split: str = Field("train", description="datasets only: the split to read.")
     weight: float | None = Field(None, gt=0, description="Mixing weight (documents are drawn in proportion).")
-    tokens: int | None = Field(None, gt=0, description="Token budget: this source contributes exactly this many tokens.")
+    tokens: int | None = Field(
+        None, gt=0, description="Token budget: this source contributes exactly this many tokens."
+    )
     eval_only: bool = Field(False, description="Held-out evaluation only; never trained on.")
 
     @model_validator(mode="after")
@@ -76,7 +78,9 @@ class DataConfig(_Strict):
             raise ValueError("sources: every source is eval_only; at least one must be trained on")
         budgets = [s.tokens is not None for s in train]
         if any(budgets) and not all(budgets):
-            raise ValueError("sources: mix by 'weight' or by 'tokens' budgets, not both (every training source needs a budget)")
+            raise ValueError(
+                "sources: mix by 'weight' or by 'tokens' budgets, not both (every training source needs a budget)"
+            )
         return self
 
     @property
@@ -86,7 +90,9 @@ class DataConfig(_Strict):
 
 class TrainingConfig(_Strict):
     steps: int | None = Field(
-        None, gt=0, description="Optimizer steps. Required with weights; default with budgets: as many as the budgets fill."
+        None,
+        gt=0,
+        description="Optimizer steps. Required with weights; default with budgets: as many as the budgets fill.",
     )
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -140,14 +146,20 @@ class RouterReviewTrainable(TrainableConfig):
 
 
 class CheckpointConfig(_Strict):
-    every: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N steps (None: only when stopped).")
+    every: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every N steps (None: only when stopped)."
+    )
     keep_last: int = Field(2, gt=0)
-    resume: str = Field("auto", description="'auto' (latest checkpoint in run_dir, if any), 'never', or a checkpoint path.")
+    resume: str = Field(
+        "auto", description="'auto' (latest checkpoint in run_dir, if any), 'never', or a checkpoint path."
+    )
 
 
 class LoggingConfig(_Strict):
     every: int = Field(10, gt=0, description="Log training losses and routing fractions every N steps.")
-    eval_every: int | None = Field(None, gt=0, description="Held-out evaluation every N steps (always at start and end).")
+    eval_every: int | None = Field(
+        None, gt=0, description="Held-out evaluation every N steps (always at start and end)."
+    )
     jsonl: bool = True
     tensorboard: bool = True
     progress: bool = True
@@ -290,7 +302,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
                 else:
                     node = node[idx]
             except (ValueError, IndexError):
-                raise UsageError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a valid list index") from None
+                raise UsageError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a valid list index") from None
             continue
         if not isinstance(node, dict):
             raise UsageError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section")

@@ -19,10 +19,11 @@ are kept for evaluation.
 Mixing: by weight (each next document comes from a source drawn with probability proportional
 to its weight; sources repeat in epochs) or by token budget (each source contributes exactly its
 budget, interleaved in proportion; a smaller source repeats). An optional shuffle buffer
-mixes documents of a source that is sorted (e.g. one jsonl with all of one language first). The stream is a deterministic
-function of the seed, and its position (:meth:`TrainStream.state_dict`) is a small JSON object,
-so resuming reproduces the same sequences. Every process reads the same global stream and takes
-its own slice of each global batch, so the result does not depend on the number of processes.
+mixes documents of a source that is sorted (e.g. one jsonl with all of one language first).
+The stream is a deterministic function of the seed, and its position
+(:meth:`TrainStream.state_dict`) is a small JSON object, so resuming reproduces the same
+sequences. Every process reads the same global stream and takes its own slice of each global
+batch, so the result does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ from deltamoe.train.config import DataConfig, SourceConfig
 
 UNTAGGED = -1
 _SUFFIXES = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
-    ".txt": "txt", ".txt.gz": "txt", ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json.gz": "jsonl",
+    ".txt": "txt",
+    ".txt.gz": "txt",
+    ".parquet": "parquet",
 }
 _BUILDER = {"jsonl": "json", "txt": "text", "parquet": "parquet"}
 _PREFLIGHT_RECORDS = 1000
@@ -96,9 +102,7 @@ def source_format(src: SourceConfig) -> str:
     for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
         if name.endswith(suffix):
             return fmt
-    raise DataError(
-        f"{_label(src)}: cannot tell the format from the name; set format: jsonl, txt, parquet or datasets"
-    )
+    raise DataError(f"{_label(src)}: cannot tell the format from the name; set format: jsonl, txt, parquet or datasets")
 
 
 def _open(src: SourceConfig) -> Any:
@@ -250,9 +254,9 @@ def build_heldout(cfg: DataConfig, tokenizer: Any, langs: Languages, seed: int) 
             if len(ids) >= cfg.heldout_max_tokens:
                 break
         for i in range(0, len(ids), cfg.seq_len):
-            if len(ids[i:i + cfg.seq_len]) > 1:  # a 1-token sequence predicts nothing
-                out.ids.append(ids[i:i + cfg.seq_len])
-                out.langs.append(lang_ids[i:i + cfg.seq_len])
+            if len(ids[i : i + cfg.seq_len]) > 1:  # a 1-token sequence predicts nothing
+                out.ids.append(ids[i : i + cfg.seq_len])
+                out.langs.append(lang_ids[i : i + cfg.seq_len])
                 out.source.append(si)
     return out
 

@@ -54,13 +54,21 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # accelerate sets up a CPU process group (gloo) only when told to use the CPU
     cpu = world > 1 and not torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=grad_accum,
-                      cpu=cpu)
+    acc = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=grad_accum, cpu=cpu
+    )
     if acc.num_processes != world:
         raise UsageError(
             f"launched as {world} processes (WORLD_SIZE), but accelerate set up {acc.num_processes}; "
             "launch with torchrun or accelerate launch"
         )
+    for kind in ("FSDP", "DEEPSPEED"):
+        asked = os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+        if asked and acc.distributed_type.name != kind:
+            raise UsageError(
+                f"the accelerate config asks for {kind}, but accelerate set up {acc.distributed_type.name} "
+                f"({kind} needs GPUs); launch with torchrun for data parallel training on CPUs"
+            )
     # an accelerate config file can override both through the environment; the config must win
     want = "bf16" if precision == "bf16" else "no"
     deepspeed = acc.distributed_type.name == "DEEPSPEED"  # precision lives in the DeepSpeed config there
@@ -117,11 +125,19 @@ class _Run:
 
     step: int = 0
     tokens: int = 0
+    heldout_before: dict[str, float] | None = None  # held-out loss at step 0, for the manifest
 
 
 def _save_checkpoint(
-    acc: Any, model: Any, optimizer: Any, names: list[str], run: _Run, stream: D.TrainStream,
-    cfg: AnyStageConfig, digest: str, global_batch: int,
+    acc: Any,
+    model: Any,
+    optimizer: Any,
+    names: list[str],
+    run: _Run,
+    stream: D.TrainStream,
+    cfg: AnyStageConfig,
+    digest: str,
+    global_batch: int,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -131,9 +147,15 @@ def _save_checkpoint(
     final = root / f"step-{run.step:07d}"
     sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     meta = {
-        "format": "accelerate" if sharded else "deltamoe", "step": run.step, "tokens": run.tokens,
-        "config_digest": digest, "config": _config_digest(cfg)[1], "global_batch": global_batch,
-        "param_names": names, "data": stream.state_dict(),
+        "format": "accelerate" if sharded else "deltamoe",
+        "step": run.step,
+        "tokens": run.tokens,
+        "heldout_before": run.heldout_before,
+        "config_digest": digest,
+        "config": _config_digest(cfg)[1],
+        "global_batch": global_batch,
+        "param_names": names,
+        "data": stream.state_dict(),
     }
     if sharded:
         tmp = root / f".tmp-step-{run.step:07d}"
@@ -152,8 +174,12 @@ def _save_checkpoint(
             params = dict(unwrapped.named_parameters())
             save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
             osd = optimizer.state_dict()
-            tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in osd["state"].items()
-                       for k, v in st.items() if torch.is_tensor(v)}
+            tensors = {
+                f"state.{i}.{k}": v.detach().cpu().contiguous()
+                for i, st in osd["state"].items()
+                for k, v in st.items()
+                if torch.is_tensor(v)
+            }
             tensors["rng.cpu"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -201,7 +227,9 @@ def _load_own_checkpoint(path: Path, meta: dict[str, Any], model: Any, optimizer
     from safetensors.torch import load_file
 
     if meta["param_names"] != names:
-        raise CheckpointError(f"{path}: trains other parameters than this run; start over with checkpoint.resume: never")
+        raise CheckpointError(
+            f"{path}: trains other parameters than this run; start over with checkpoint.resume: never"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in load_file(str(path / "trainable.safetensors")).items():
@@ -286,8 +314,13 @@ def _routing_json(counts: torch.Tensor, layout: Layout, lang_names: list[str]) -
 # -- evaluation --------------------------------------------------------------------------
 @torch.no_grad()
 def _evaluate(
-    acc: Any, model: Any, heldout: D.HeldOut, capture: RouterCapture, layout: Layout,
-    lang_names: list[str], batch_size: int,
+    acc: Any,
+    model: Any,
+    heldout: D.HeldOut,
+    capture: RouterCapture,
+    layout: Layout,
+    lang_names: list[str],
+    batch_size: int,
 ) -> dict[str, Any]:
     """Held-out next-token loss per language and routing shares, over all processes."""
     n_langs = len(lang_names)
@@ -296,12 +329,13 @@ def _evaluate(
     n_batches = math.ceil(math.ceil(len(heldout) / world) / batch_size) if len(heldout) else 0
     loss_sum = torch.zeros(n_langs + 1, dtype=torch.float64, device=acc.device)
     count = torch.zeros(n_langs + 1, dtype=torch.float64, device=acc.device)
-    routing = torch.zeros(len(layout.routed_layers), layout.num_experts, n_langs + 1, dtype=torch.float64,
-                          device=acc.device)
+    routing = torch.zeros(
+        len(layout.routed_layers), layout.num_experts, n_langs + 1, dtype=torch.float64, device=acc.device
+    )
     was_training = model.training
     model.eval()
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
         weight = 1.0 if chunk else 0.0  # every process runs the same number of forwards (FSDP needs it)
         chunk = chunk or [0]
         width = max(len(heldout.ids[i]) for i in chunk)
@@ -329,8 +363,11 @@ def _evaluate(
     per_lang = {names[j]: float(loss_sum[j] / count[j]) for j in range(n_langs + 1) if count[j] > 0}
     if count.sum() > 0:
         per_lang["all"] = float(loss_sum.sum() / count.sum())
-    return {"heldout_loss": per_lang, "heldout_tokens": int(count.sum()),
-            "routing": _routing_json(routing.cpu(), layout, lang_names)}
+    return {
+        "heldout_loss": per_lang,
+        "heldout_tokens": int(count.sum()),
+        "routing": _routing_json(routing.cpu(), layout, lang_names),
+    }
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -407,7 +444,8 @@ def train(
 
     set_seed(cfg.seed)
     hashes = hash_in_background(ckpt) if acc.is_main_process else None
-    model, layout = load_for_training(ckpt, moe)
+    show = cfg.logging.progress if progress is None else progress
+    model, layout = load_for_training(ckpt, moe, progress=show and acc.is_main_process)
     policy = apply_policy(model, layout, cfg.trainable)
     if policy.trainable_params == 0:
         raise UsageError("trainable: nothing trains in this model with these settings")
@@ -427,10 +465,16 @@ def train(
         groups.append({"params": no_decay, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps)
     sched_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine_with_min_lr"}[
-        cfg.train.lr_schedule]
+        cfg.train.lr_schedule
+    ]
     extra = {"min_lr_rate": cfg.train.min_lr_ratio} if cfg.train.lr_schedule == "cosine" else None
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+    scheduler = get_scheduler(
+        sched_name,
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=extra,
+    )
 
     heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
     stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
@@ -450,7 +494,7 @@ def train(
         if meta["format"] == "accelerate":
             acc.load_state(str(resume))
         stream.load_state_dict(meta["data"])
-        run = _Run(step=meta["step"], tokens=meta["tokens"])
+        run = _Run(step=meta["step"], tokens=meta["tokens"], heldout_before=meta.get("heldout_before"))
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(run.step):  # the schedule is a pure function of the step
@@ -460,15 +504,32 @@ def train(
     allowed = L.allowed_matrix(allocation, lang_names, layout.num_experts).to(acc.device)
     coef = cfg.losses
     logger = _Logger(cfg, acc.is_main_process, fresh=meta is None)
-    show = cfg.logging.progress if progress is None else progress
-    bar = tqdm(total=total_steps, initial=run.step, desc=cfg.stage, unit="step", file=sys.stderr,
-               disable=not (show and acc.is_main_process))
+    bar = tqdm(
+        total=total_steps,
+        initial=run.step,
+        desc=cfg.stage,
+        unit="step",
+        file=sys.stderr,
+        disable=not (show and acc.is_main_process),
+    )
     params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 swaps them
     if acc.is_main_process:
-        logger.log({"kind": "setup", "step": run.step, "stage": cfg.stage, "processes": world,
-                    "global_batch": global_batch, "total_steps": total_steps, "resumed_from": str(resume) if resume else None,
-                    "heldout_sequences": len(heldout), "heldout_tokens": heldout.tokens,
-                    "params": {g: {"count": n, "trains": on} for g, (n, on) in policy.params_by_group.items()}})
+        logger.log(
+            {
+                "kind": "setup",
+                "step": run.step,
+                "stage": cfg.stage,
+                "processes": world,
+                "distributed": acc.distributed_type.name,
+                "precision": cfg.train.precision,
+                "global_batch": global_batch,
+                "total_steps": total_steps,
+                "resumed_from": str(resume) if resume else None,
+                "heldout_sequences": len(heldout),
+                "heldout_tokens": heldout.tokens,
+                "params": {g: {"count": n, "trains": on} for g, (n, on) in policy.params_by_group.items()},
+            }
+        )
 
     def evaluate(step: int) -> dict[str, Any]:
         res = _evaluate(acc, model, heldout, capture, layout, lang_names, mb)
@@ -477,7 +538,8 @@ def train(
             logger.log(rec)
         return rec
 
-    first_eval = evaluate(run.step) if run.step == 0 and len(heldout) else None
+    if run.step == 0 and len(heldout):
+        run.heldout_before = evaluate(0)["heldout_loss"]
     n_routed = len(layout.routed_layers)
     sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # total, lm, balance, lpr
     micro = 0
@@ -494,8 +556,8 @@ def train(
                 raise DataError("the data stream ended before the planned number of steps") from None
             for j in range(accum):
                 lo = (j * world + rank) * mb
-                ids = ids_all[lo:lo + mb].to(acc.device)
-                tok_lang = lang_all[lo:lo + mb].reshape(-1).to(acc.device)
+                ids = ids_all[lo : lo + mb].to(acc.device)
+                tok_lang = lang_all[lo : lo + mb].reshape(-1).to(acc.device)
                 with acc.accumulate(model):
                     with capture.capture():
                         logits = model(input_ids=ids, use_cache=False).logits
@@ -523,9 +585,15 @@ def train(
                 c = acc.reduce(counts, "sum")
                 now = time.perf_counter()
                 rec = {
-                    "kind": "train", "step": run.step, "lr": scheduler.get_last_lr()[0], "loss": float(s[0]),
-                    "loss_lm": float(s[1]), "loss_balance": float(s[2]), "loss_lpr": float(s[3]),
-                    "grad_norm": grad_norm, "tokens": run.tokens,
+                    "kind": "train",
+                    "step": run.step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "loss": float(s[0]),
+                    "loss_lm": float(s[1]),
+                    "loss_balance": float(s[2]),
+                    "loss_lpr": float(s[3]),
+                    "grad_norm": grad_norm,
+                    "tokens": run.tokens,
                     "tokens_per_s": (run.tokens - tok_last) / max(now - t_last, 1e-9),
                     "routing": _routing_json(c.cpu(), layout, lang_names),
                 }
@@ -549,9 +617,12 @@ def train(
         state = acc.get_state_dict(model)
         if acc.is_main_process:
             summary = {
-                "steps": run.step, "tokens": run.tokens, "processes": world, "global_batch": global_batch,
+                "steps": run.step,
+                "tokens": run.tokens,
+                "processes": world,
+                "global_batch": global_batch,
                 "params": {g: {"count": n, "trains": on} for g, (n, on) in policy.params_by_group.items()},
-                "heldout_loss_before": first_eval["heldout_loss"] if first_eval else None,
+                "heldout_loss_before": run.heldout_before,
                 "heldout_loss_after": final_eval["heldout_loss"] if final_eval else None,
             }
             with atomic_output_dir(out_path, force=force) as tmp:
@@ -559,9 +630,11 @@ def train(
                 shutil.copyfile(ckpt.path / "config.json", tmp / "config.json")
                 copy_aux_files(ckpt, tmp)
                 manifest = new_manifest(
-                    read_manifest(ckpt.path), stage=cfg.stage,
+                    read_manifest(ckpt.path),
+                    stage=cfg.stage,
                     params={"config": cfg.model_dump(mode="json"), "result": {**summary, "tensors": counts_w}},
-                    inputs={"model": hashes.result()[0]}, command=command,
+                    inputs={"model": hashes.result()[0]},
+                    command=command,
                 )
                 write_manifest(tmp, manifest)
                 write_model_card(tmp, manifest)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position next-token cross-entropy in float32: [B, L, V], [B, L] -> [B, L-1]."""
     v = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, v), input_ids[:, 1:].reshape(-1), reduction="none"
-    ).view(input_ids.shape[0], -1)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, v), input_ids[:, 1:].reshape(-1), reduction="none").view(
+        input_ids.shape[0], -1
+    )
 
 
 def balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -76,7 +76,10 @@ def lpr_loss(router_logits: Sequence[torch.Tensor], token_lang: torch.Tensor, al
 
 @torch.no_grad()
 def routing_counts(
-    router_logits: Sequence[torch.Tensor], token_lang: torch.Tensor, top_k: int, n_langs: int,
+    router_logits: Sequence[torch.Tensor],
+    token_lang: torch.Tensor,
+    top_k: int,
+    n_langs: int,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-k assignment counts [layers, E, n_langs + 1]; the last language slot is 'untagged'.

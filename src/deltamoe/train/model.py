@@ -71,7 +71,9 @@ class SplitExperts(nn.Module):
     def down(self, e: int) -> nn.Parameter:
         return getattr(self, f"down_{e}")
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # same token order as transformers' eager loop: [E, K, T] mask, where() row-major
@@ -165,7 +167,9 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
         lp = f"{prefix}.layers.{i}"
         if found is None:
             if i in expected:
-                raise CheckpointError(f"{ckpt.path}: deltamoe.json lists layer {i} as MoE, but the model has no experts there")
+                raise CheckpointError(
+                    f"{ckpt.path}: deltamoe.json lists layer {i} as MoE, but the model has no experts there"
+                )
             continue
         if i not in expected:
             raise CheckpointError(f"{ckpt.path}: layer {i} is an MoE layer, but deltamoe.json does not list it")
@@ -175,7 +179,9 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
         if router is None or tuple(router.weight.shape) != (num_experts, fused.gate_up_proj.shape[-1]):
             raise ArchitectureError(f"{lp}.{bname}: no router '{router_attr}' of shape [{num_experts}, hidden]")
         if fused.gate_up_proj.shape[0] != num_experts:
-            raise CheckpointError(f"{lp}: {fused.gate_up_proj.shape[0]} experts in memory, deltamoe.json says {num_experts}")
+            raise CheckpointError(
+                f"{lp}: {fused.gate_up_proj.shape[0]} experts in memory, deltamoe.json says {num_experts}"
+            )
         split = SplitExperts(fused.gate_up_proj.data, fused.down_proj.data, fused.act_fn)
         setattr(block, experts_attr, split)  # the fused parameters are freed here
         del fused
@@ -193,8 +199,12 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
             groups.setdefault(full, INERT)  # anything else in the MoE block: shared expert and its gate
 
     # every other parameter, by the kind of module that owns it
-    embed_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-                 for p in m.parameters()}
+    embed_ids = {
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -246,11 +256,13 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
     owners = {id(p): n for n, p in mem_params.items() if n in covered}
     missing = sorted(n for n, p in mem_params.items() if n not in covered and id(p) not in owners)
     if missing:
-        raise CheckpointError(f"{ckpt.path}: the model has parameter(s) {missing[:5]} that the checkpoint does not hold")
+        raise CheckpointError(
+            f"{ckpt.path}: the model has parameter(s) {missing[:5]} that the checkpoint does not hold"
+        )
     return layout
 
 
-def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any]) -> tuple[nn.Module, Layout]:
+def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any], *, progress: bool = True) -> tuple[nn.Module, Layout]:
     """Load the MoE in float32 (exact for bf16/fp16 checkpoints), split its experts and map it."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -263,20 +275,30 @@ def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any]) -> tuple[nn.Modu
     got = (ckpt.config.get("architectures") or [None])[0]
     if arch and got != arch:
         raise CheckpointError(f"{ckpt.path}: config.json says {got}, deltamoe.json says {arch}")
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for a bad directory
         raise CheckpointError(f"{ckpt.path}: transformers cannot load this model: {type(e).__name__}: {e}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     model.config.use_cache = False
     layout = split_and_map(model, moe, ckpt)
     # a cheap spot check that the mapping reads the right bytes: routers and one expert 0
     state = dict(model.named_parameters(remove_duplicate=False))
     for lay in layout.layers[:1]:
         names = moe["names"]
-        for disk in (names["router"].format(layer=lay.index),
-                     names["expert_ffn"]["up"].format(layer=lay.index, expert=0)):
+        for disk in (
+            names["router"].format(layer=lay.index),
+            names["expert_ffn"]["up"].format(layer=lay.index, expert=0),
+        ):
             mem, rows = layout.disk_to_mem[disk]
-            t = state[mem] if rows is None else state[mem][rows[0]:rows[1]]
+            t = state[mem] if rows is None else state[mem][rows[0] : rows[1]]
             if t.is_meta:  # FSDP's low-memory loading: only rank 0 holds the weights
                 continue
             if not torch.equal(t, ckpt.read(disk).to(t.dtype)):
@@ -360,7 +382,7 @@ def write_trained(
             mem, rows = layout.disk_to_mem[spec.name]
             value = state[mem]
             if rows is not None:
-                value = value[rows[0]:rows[1]]
+                value = value[rows[0] : rows[1]]
             stored_dtype = ckpt.spec(spec.name).dtype
             if mem in trainable:
                 from deltamoe.checkpoint import torch_dtype
