@@ -20,6 +20,7 @@ the same batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -399,8 +400,8 @@ def run_recipe(
 
     from deltamoe.report import collect, format_table, write_report
 
-    systems = {name: (ref_path(ref, by_name, rdir), by_name[f"eval-{name}"].out)
-               for name, ref in ctx["systems"].items()}
+    systems = {name: (ref_path(ctx["systems"][name], by_name, rdir), by_name[f"eval-{name}"].out)
+               for name in SYSTEM_ORDER if name in ctx["systems"]}
     extra: dict[str, Any] = {"recipe_name": recipe.name, "recipe": recipe.model_dump(mode="json", by_alias=True),
                              "stages": {s.name: {"key": s.key, "out": str(s.out)} for s in stages},
                              "executed": executed}
@@ -418,15 +419,20 @@ def run_recipe(
     return {"workdir": str(workdir), "plan": plan, "executed": executed, "report": str(report), "results": results}
 
 
-def check_lm_eval_tasks(tasks: list[str]) -> None:
-    """Every task name must exist in the installed lm-eval (its task index is local: no network)."""
-    if not tasks:
-        return
+@functools.cache
+def _lm_eval_task_names() -> frozenset[str]:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise ValueError("eval suite lm_eval needs the lm-eval package (pip install lm-eval)") from None
-    known = set(TaskManager().all_tasks)
+    return frozenset(TaskManager().all_tasks)  # indexes the installed task YAMLs (seconds)
+
+
+def check_lm_eval_tasks(tasks: list[str]) -> None:
+    """Every task name must exist in the installed lm-eval (its task index is local: no network)."""
+    if not tasks:
+        return
+    known = _lm_eval_task_names()
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown}")

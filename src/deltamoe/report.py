@@ -151,7 +151,7 @@ def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> 
         fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.8), squeeze=False)
         for ax, (stage, series) in zip(axes[0], curves.items()):
             for key, pts in series.items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 20 else None, label=key)
             ax.set_title(stage)
             ax.set_xlabel("step")
             ax.legend(fontsize=7)

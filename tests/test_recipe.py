@@ -1,0 +1,100 @@
+"""Recipes: strict schema, every shipped recipe validates, the dry-run plan, FLOP matching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deltamoe.cli import app
+from deltamoe.demo import demo_recipe_text
+from deltamoe.errors import UsageError
+from deltamoe.pipeline import run_recipe
+from deltamoe.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def _write(tmp: Path, data: dict) -> Path:
+    p = tmp / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _demo() -> dict:
+    return yaml.safe_load(demo_recipe_text())
+
+
+def test_shipped_recipes_exist() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"llama31-8b-el-hu-tr.yaml", "qwen3-8b-el-hu-tr.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_dry_run(path: Path) -> None:
+    res = run_recipe(path, dry_run=True, log=lambda m: None)
+    stages = [p["stage"] for p in res["plan"]]
+    assert stages[:4] == ["upcycle", "post_pretrain", "router_review", "deltamoe"]
+    assert {"dense_cpt", "paramdelta", "ties", "dare_ties", "budget_matched", "eval-deltamoe", "eval-moe_lpr"} <= set(stages)
+    assert not any(p["cached"] for p in res["plan"])
+
+
+def test_demo_recipe_dry_run(tmp_path: Path) -> None:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(demo_recipe_text())
+    res = run_recipe(p, dry_run=True, log=lambda m: None)
+    assert res["plan"][0]["stage"] == "toy"
+    assert res["est_total_bytes"] and res["est_total_bytes"] > 0
+    assert not (tmp_path / "stages").exists(), "a dry run writes no stage output"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.update(upcylce={"experts": 4}), "upcylce: unknown field"),
+        (lambda r: r["train"]["post_pretrain"].update(trian={}), "train.post_pretrain.trian: unknown field"),
+        (lambda r: r.update(models={"base": "a", "post": "b"}), "exactly one of 'toy'"),
+        (lambda r: r["upcycle"].update(top_k=5), "top_k (5) exceeds experts (4)"),
+        (lambda r: r["upcycle"].update(allocation={"xx": [1]}), "languages ['xx'] that are not in 'languages'"),
+        (lambda r: r["upcycle"].update(allocation={"vel": [7]}), "uses experts [7]"),
+        (lambda r: r["languages"].update(new=["en"]), "both original and new"),
+        (lambda r: r.update(baselines=["ties", "nope"]), "baselines.1"),
+        (lambda r: r.update(eval={"suites": ["lm_eval"]}), "needs lm_eval_tasks"),
+    ],
+)
+def test_bad_recipes_name_the_field(tmp_path: Path, mutate, message: str) -> None:
+    r = _demo()
+    mutate(r)
+    with pytest.raises(UsageError) as e:
+        load_recipe(_write(tmp_path, r))
+    assert message in str(e.value)
+
+
+def test_unknown_lm_eval_task_is_an_error(tmp_path: Path) -> None:
+    r = _demo()
+    r["eval"] = {"suites": ["toy", "lm_eval"], "lm_eval_tasks": ["belebele_ell_Grek", "belebele_xx_Nope"]}
+    with pytest.raises(UsageError, match=r"unknown lm-eval task\(s\) \['belebele_xx_Nope'\]"):
+        run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)
+
+
+def test_cache_keys_follow_parameters(tmp_path: Path) -> None:
+    p = _write(tmp_path, _demo())
+    a = {s["stage"]: s["key"] for s in run_recipe(p, dry_run=True, log=lambda m: None)["plan"]}
+    r = _demo()
+    r["train"]["router_review"]["train"]["steps"] = 41
+    b = {s["stage"]: s["key"] for s in run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)["plan"]}
+    same = {k for k in a if a[k] == b[k]}
+    # changing stage 2 changes it and everything downstream of it, nothing upstream
+    assert {"toy", "upcycle", "post_pretrain", "dense_cpt", "paramdelta", "ties", "eval-base", "eval-post"} <= same
+    assert {"router_review", "deltamoe", "eval-deltamoe", "eval-moe_lpr", "dense_cpt_budget"}.isdisjoint(same)
+
+
+def test_cli_dry_run_and_missing_recipe(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(SHIPPED[0]), "--dry-run"])
+    assert res.exit_code == 0 and "estimated new disk use" in res.output
+    res = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 1 and "no such recipe file" in res.output
