@@ -46,7 +46,10 @@ def test_stage_defaults() -> None:
             r"data\.sources\.0\.lnag: unknown field \(did you mean 'lang'\?\)",
         ),
         (with_(trainable={"atention": True}), r"trainable\.atention: unknown field \(did you mean 'attention'\?\)"),
-        (with_(stage="pretrain"), r"stage: 'pretrain' is not a stage; use one of post_pretrain, router_review"),
+        (
+            with_(stage="pretrain"),
+            r"stage: .pretrain. is not a stage; use one of post_pretrain, router_review, dense_cpt",
+        ),
         ({k: v for k, v in BASE.items() if k != "stage"}, r"stage: required"),
         ({k: v for k, v in BASE.items() if k != "model"}, r"model: required field is missing"),
         (with_(train={"steps": 0}), r"train\.steps: Input should be greater than 0"),
@@ -115,3 +118,19 @@ def test_shipped_recipes_validate() -> None:
         assert acc["distributed_type"] in ("FSDP", "DEEPSPEED")
         # precision and accumulation must come from the training config
         assert "mixed_precision" not in acc and "gradient_accumulation_steps" not in acc.get("deepspeed_config", {})
+
+
+def test_dense_cpt_stage() -> None:
+    from deltamoe.train.config import DenseCptConfig
+
+    cfg = load_config(with_(stage="dense_cpt"))
+    assert isinstance(cfg, DenseCptConfig)
+    assert cfg.losses.lm == 1.0 and (cfg.trainable.ffn, cfg.trainable.attention, cfg.trainable.embeddings) == (
+        True,
+        True,
+        True,
+    )
+    with pytest.raises(UsageError, match=r"losses\.lpr: unknown field"):  # a dense model has no routing losses
+        load_config(with_(stage="dense_cpt", losses={"lpr": 0.1}))
+    with pytest.raises(UsageError, match=r"trainable\.new_experts: unknown field"):
+        load_config(with_(stage="dense_cpt", trainable={"new_experts": True}))

@@ -169,3 +169,37 @@ def test_other_families_keep_dense_and_inert_tensors(tmp_path, variant, layers) 
         assert {k for k in same if "shared_expert" in k} == {
             k for k in open_checkpoint(moe).keys() if "shared_expert" in k
         }
+
+
+def test_dense_cpt_trains_the_whole_dense_model(world, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltamoe.errors import UsageError
+
+    dense = world.moe.parent / "dense"
+    out = tmp_path / "dense-cpt"
+    sources = [{"path": str(world.xx), "lang": "xx"}, {"path": str(world.en), "lang": "en", "eval_only": True}]
+    deltamoe.train(base_config(dense, out, sources, stage="dense_cpt", train={"steps": 20, "lr": 1e-3}))
+    same, changed = _diff(dense, out)
+    assert not same  # every tensor trains by default: FFNs, attention, norms, embeddings, LM head
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    m = read_manifest(out)
+    assert [s["stage"] for s in m["stages"]] == ["dense_cpt"] and "moe" not in m
+    result = m["stages"][-1]["params"]["result"]
+    assert result["heldout_loss_after"]["xx"] < result["heldout_loss_before"]["xx"]
+    # only FFNs: attention, norms and embeddings stay bit-identical
+    ffn_only = tmp_path / "ffn-only"
+    deltamoe.train(
+        base_config(
+            dense,
+            ffn_only,
+            sources[:1],
+            stage="dense_cpt",
+            train={"steps": 3},
+            trainable={"attention": False, "norms": False, "embeddings": False},
+        )
+    )
+    same, changed = _diff(dense, ffn_only)
+    assert changed == {k for k in open_checkpoint(dense).keys() if ".mlp." in k}
+    with pytest.raises(UsageError, match=r"an upcycled MoE; stage dense_cpt trains a dense model"):
+        deltamoe.train(base_config(world.moe, tmp_path / "x", sources, stage="dense_cpt"))

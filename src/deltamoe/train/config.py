@@ -1,7 +1,9 @@
 """The training configuration: one strict schema per stage, loaded from YAML.
 
 ``stage: post_pretrain`` (DESIGN.md §1 step 2) and ``stage: router_review`` (step 3) share the
-same sections; they differ only in their defaults (which losses are on, what trains). Every
+same sections; they differ only in their defaults (which losses are on, what trains).
+``stage: dense_cpt`` is continued pre-training of a dense model (the baselines' B'): next-token
+loss only, every parameter trainable by default. Every
 model is frozen and forbids unknown keys, so a misspelt field is an error that names it
 (``train.lrr: unknown field (did you mean 'lr'?)``) instead of a silently ignored setting.
 
@@ -20,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from deltamoe.errors import UsageError
 
-Stage = Literal["post_pretrain", "router_review"]
-STAGES: tuple[str, ...] = ("post_pretrain", "router_review")
+Stage = Literal["post_pretrain", "router_review", "dense_cpt"]
+STAGES: tuple[str, ...] = ("post_pretrain", "router_review", "dense_cpt")
 
 
 class _Strict(BaseModel):
@@ -204,9 +206,33 @@ class RouterReviewConfig(_StageConfig):
     trainable: RouterReviewTrainable = RouterReviewTrainable()
 
 
-StageConfig = Annotated[Union[PostPretrainConfig, RouterReviewConfig], Field(discriminator="stage")]  # noqa: UP007
-_ADAPTER: TypeAdapter[PostPretrainConfig | RouterReviewConfig] = TypeAdapter(StageConfig)
-AnyStageConfig = PostPretrainConfig | RouterReviewConfig
+class DenseCptLosses(_Strict):
+    lm: float = Field(1.0, ge=0.0, description="Next-token loss (a dense model has no routing losses).")
+
+
+class DenseCptTrainable(_Strict):
+    """What trains in dense continued pre-training (default: everything)."""
+
+    ffn: bool = True
+    attention: bool = True
+    norms: bool = True
+    embeddings: bool = Field(True, description="Input embeddings and LM head.")
+
+
+class DenseCptConfig(_StageConfig):
+    """Baseline: continued pre-training of the dense model itself (B -> B')."""
+
+    stage: Literal["dense_cpt"]
+    losses: DenseCptLosses = DenseCptLosses()
+    trainable: DenseCptTrainable = DenseCptTrainable()
+
+
+StageConfig = Annotated[
+    Union[PostPretrainConfig, RouterReviewConfig, DenseCptConfig],  # noqa: UP007
+    Field(discriminator="stage"),
+]
+_ADAPTER: TypeAdapter[PostPretrainConfig | RouterReviewConfig | DenseCptConfig] = TypeAdapter(StageConfig)
+AnyStageConfig = PostPretrainConfig | RouterReviewConfig | DenseCptConfig
 
 _PATH_KEYS = ("model", "output", "run_dir")
 
@@ -238,7 +264,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _fields_at(stage: str | None, loc: tuple[Any, ...]) -> list[str]:
     """Valid field names of the model at ``loc`` (for 'did you mean' suggestions)."""
-    cls: Any = {"post_pretrain": PostPretrainConfig, "router_review": RouterReviewConfig}.get(stage or "")
+    cls: Any = {
+        "post_pretrain": PostPretrainConfig,
+        "router_review": RouterReviewConfig,
+        "dense_cpt": DenseCptConfig,
+    }.get(stage or "")
     if cls is None:
         return []
     for part in loc:
@@ -317,7 +347,7 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> AnyStageConfig:
     """Validate a config from a YAML path, a dict or a config object; apply ``key=value`` overrides."""
-    if isinstance(config, (PostPretrainConfig, RouterReviewConfig)):
+    if isinstance(config, (PostPretrainConfig, RouterReviewConfig, DenseCptConfig)):
         if not overrides:
             return config
         raw: dict[str, Any] = config.model_dump(mode="json", exclude_unset=True)

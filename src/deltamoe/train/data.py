@@ -57,9 +57,14 @@ _PREFLIGHT_RECORDS = 1000
 
 @dataclass(frozen=True)
 class Languages:
-    """The languages of the model's allocation, in index order, with their experts."""
+    """The languages of the model's allocation, in index order, with their experts.
+
+    ``kind="sources"``: a dense model has no allocation; its languages are the ``lang`` tags of
+    the configured sources (the experts lists are empty).
+    """
 
     allocation: Mapping[str, Sequence[int]]
+    kind: str = "allocation"
 
     @property
     def names(self) -> list[str]:
@@ -71,6 +76,11 @@ class Languages:
         try:
             return self.names.index(tag)
         except ValueError:
+            if self.kind == "sources":
+                raise DataError(
+                    f"{where}: language tag {tag!r} is not among the sources' languages "
+                    f"({', '.join(self.names) or 'none'}); give a source lang: {tag}"
+                ) from None
             known = ", ".join(f"{k}={list(v)}" for k, v in sorted(self.allocation.items())) or "none"
             raise DataError(
                 f"{where}: language tag {tag!r} is not in the model's expert allocation ({known}). "

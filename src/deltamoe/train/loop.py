@@ -81,8 +81,13 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
     return acc
 
 
-def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str) -> dict[str, Any]:
+def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str) -> dict[str, Any] | None:
+    """The MoE layout of the model; None for dense_cpt, which needs a dense model instead."""
     moe = (manifest or {}).get("moe")
+    if stage == "dense_cpt":
+        if moe:
+            raise UsageError(f"{ckpt_path}: an upcycled MoE; stage dense_cpt trains a dense model (the base)")
+        return None
     if not moe:
         raise UsageError(
             f"{ckpt_path}: not an upcycled MoE (no deltamoe.json with a 'moe' block). Stage {stage} trains "
@@ -355,7 +360,8 @@ def _evaluate(
         slot = torch.where(langs[:, 1:] >= 0, langs[:, 1:], n_langs)
         loss_sum.index_add_(0, slot[tgt_valid], tl[tgt_valid])
         count.index_add_(0, slot[tgt_valid], torch.ones_like(tl[tgt_valid]))
-        routing += L.routing_counts(capture.ordered(), langs.reshape(-1), layout.top_k, n_langs, valid.reshape(-1))
+        if layout.routed_layers:
+            routing += L.routing_counts(capture.ordered(), langs.reshape(-1), layout.top_k, n_langs, valid.reshape(-1))
     if was_training:
         model.train()
     loss_sum, count, routing = acc.reduce(loss_sum, "sum"), acc.reduce(count, "sum"), acc.reduce(routing, "sum")
@@ -416,13 +422,18 @@ def train(
     vocab = int(ckpt.config.get("vocab_size", 0))
     if len(tokenizer) > vocab:
         raise CheckpointError(f"{ckpt.path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
-    allocation = {k: list(v) for k, v in (moe.get("allocation") or {}).items()}
-    if cfg.losses.lpr > 0 and not allocation:
-        raise UsageError(
-            f"losses.lpr = {cfg.losses.lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
-            "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
-        )
-    langs = D.Languages(allocation)
+    coef_balance, coef_lpr = getattr(cfg.losses, "balance", 0.0), getattr(cfg.losses, "lpr", 0.0)
+    if moe is None:  # dense: the languages are those the sources name (for per-language evaluation)
+        allocation: dict[str, list[int]] = {s.lang: [] for s in cfg.data.sources if s.lang}
+        langs = D.Languages(allocation, kind="sources")
+    else:
+        allocation = {k: list(v) for k, v in (moe.get("allocation") or {}).items()}
+        if coef_lpr > 0 and not allocation:
+            raise UsageError(
+                f"losses.lpr = {coef_lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
+                "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
+            )
+        langs = D.Languages(allocation)
     lang_names = langs.names
     D.check_sources(cfg.data, langs)
 
@@ -563,9 +574,12 @@ def train(
                         logits = model(input_ids=ids, use_cache=False).logits
                     router = capture.ordered()
                     lm = L.token_losses(logits, ids).mean()
-                    bal = L.balance_loss(router, layout.top_k)
-                    lpr = L.lpr_loss(router, tok_lang, allowed)
-                    total = coef.lm * lm + coef.balance * bal + coef.lpr * lpr
+                    if router:
+                        bal = L.balance_loss(router, layout.top_k)
+                        lpr = L.lpr_loss(router, tok_lang, allowed)
+                    else:  # a dense model
+                        bal = lpr = torch.zeros((), device=acc.device)
+                    total = coef.lm * lm + coef_balance * bal + coef_lpr * lpr
                     acc.backward(total)
                     if acc.sync_gradients and cfg.train.max_grad_norm is not None:
                         gn = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -574,7 +588,8 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([total.detach(), lm.detach(), bal.detach(), lpr.detach()]).double()
                 micro += 1
-                counts += L.routing_counts(router, tok_lang, layout.top_k, len(lang_names))
+                if router:
+                    counts += L.routing_counts(router, tok_lang, layout.top_k, len(lang_names))
             scheduler.step()
             run.step += 1
             run.tokens += global_batch * seq

@@ -140,12 +140,20 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) -> Layout:
+def split_and_map(model: nn.Module, moe: Mapping[str, Any] | None, ckpt: Checkpoint) -> Layout:
     """Replace every fused experts module by :class:`SplitExperts`; map and classify every tensor.
 
-    ``moe`` is the ``moe`` block of ``deltamoe.json``. Raises if any on-disk tensor has no
-    in-memory counterpart of the same shape or vice versa.
+    ``moe`` is the ``moe`` block of ``deltamoe.json``, or None for a dense model (which must then
+    have no experts). Raises if any on-disk tensor has no in-memory counterpart of the same shape
+    or vice versa.
     """
+    if moe is None:
+        for name, mod in model.named_modules():
+            if hasattr(mod, "gate_up_proj"):
+                raise CheckpointError(f"{ckpt.path}: an MoE model ({name} holds experts), where a dense one is needed")
+        layout = Layout(0, 0, {}, [], [], [])
+        _classify_and_map(model, ckpt, layout, {}, {})
+        return layout
     names = moe["names"]
     experts_attr = _template_attr(names["expert_ffn"]["gate"], "{expert}")
     router_attr = _template_attr(names["router"], "weight")
@@ -198,6 +206,29 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
             full = f"{block_path}.{pname}"
             groups.setdefault(full, INERT)  # anything else in the MoE block: shared expert and its gate
 
+    tmpl = names["expert_ffn"]
+    special: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    for lay in layout.layers:
+        i, inter = lay.index, layout.intermediate[lay.index]
+        ep = f"{lay.block}.{experts_attr}"
+        for e in range(num_experts):
+            special[tmpl["gate"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (0, inter))
+            special[tmpl["up"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (inter, 2 * inter))
+            special[tmpl["down"].format(layer=i, expert=e)] = (f"{ep}.down_{e}", None)
+        special[names["router"].format(layer=i)] = (lay.router_param, None)
+    _classify_and_map(model, ckpt, layout, groups, special)
+    return layout
+
+
+def _classify_and_map(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    layout: Layout,
+    groups: dict[str, str],
+    special: Mapping[str, tuple[str, tuple[int, int] | None]],
+) -> None:
+    """Group every parameter not grouped yet; map every on-disk tensor to memory (``special``
+    names the ones stored under another name or as a slice), checking shapes both ways."""
     # every other parameter, by the kind of module that owns it
     embed_ids = {
         id(p)
@@ -228,18 +259,7 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
     # disk <-> memory
     mem_params = dict(model.named_parameters(remove_duplicate=False))
     mem_buffers = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
-    tmpl = names["expert_ffn"]
     covered: set[str] = set()
-    by_layer = {lay.index: lay for lay in layout.layers}
-    special: dict[str, tuple[str, tuple[int, int] | None]] = {}
-    for i, lay in by_layer.items():
-        inter = layout.intermediate[i]
-        ep = f"{lay.block}.{experts_attr}"
-        for e in range(num_experts):
-            special[tmpl["gate"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (0, inter))
-            special[tmpl["up"].format(layer=i, expert=e)] = (f"{ep}.gate_up_{e}", (inter, 2 * inter))
-            special[tmpl["down"].format(layer=i, expert=e)] = (f"{ep}.down_{e}", None)
-        special[names["router"].format(layer=i)] = (lay.router_param, None)
     for disk in ckpt.keys():
         mem, rows = special.get(disk, (disk, None))
         t = mem_params.get(mem, mem_buffers.get(mem))
@@ -259,11 +279,15 @@ def split_and_map(model: nn.Module, moe: Mapping[str, Any], ckpt: Checkpoint) ->
         raise CheckpointError(
             f"{ckpt.path}: the model has parameter(s) {missing[:5]} that the checkpoint does not hold"
         )
-    return layout
 
 
-def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any], *, progress: bool = True) -> tuple[nn.Module, Layout]:
-    """Load the MoE in float32 (exact for bf16/fp16 checkpoints), split its experts and map it."""
+def load_for_training(
+    ckpt: Checkpoint, moe: Mapping[str, Any] | None, *, progress: bool = True
+) -> tuple[nn.Module, Layout]:
+    """Load the model in float32 (exact for bf16/fp16 checkpoints), split its experts and map it.
+
+    ``moe``: the ``moe`` block of ``deltamoe.json``, or None for a dense model.
+    """
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -271,7 +295,7 @@ def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any], *, progress: boo
         raise ArchitectureError(
             f"training needs transformers >= 5 (fused experts, router modules); found {transformers.__version__}"
         )
-    arch = moe.get("architecture")
+    arch = (moe or {}).get("architecture")
     got = (ckpt.config.get("architectures") or [None])[0]
     if arch and got != arch:
         raise CheckpointError(f"{ckpt.path}: config.json says {got}, deltamoe.json says {arch}")
@@ -292,7 +316,7 @@ def load_for_training(ckpt: Checkpoint, moe: Mapping[str, Any], *, progress: boo
     # a cheap spot check that the mapping reads the right bytes: routers and one expert 0
     state = dict(model.named_parameters(remove_duplicate=False))
     for lay in layout.layers[:1]:
-        names = moe["names"]
+        names = moe["names"]  # type: ignore[index]  # layers exist only for an MoE
         for disk in (
             names["router"].format(layer=lay.index),
             names["expert_ffn"]["up"].format(layer=lay.index, expert=0),

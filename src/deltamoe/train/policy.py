@@ -6,6 +6,9 @@ train, whatever the config says, because the method depends on them staying B's 
 exactly: the original expert (expert 0), the FFNs of ``replicated_layers`` (E identical copies
 and a zero router that together compute B's dense FFN), dense FFNs of layers the architecture
 keeps dense, and inert tensors (Qwen2-MoE's zeroed shared expert).
+
+The dense_cpt stage (a dense model, no experts) trains its FFNs, attention, norms and
+embeddings, all by default.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from deltamoe.train import model as m
-from deltamoe.train.config import TrainableConfig
+from deltamoe.train.config import DenseCptTrainable, TrainableConfig
 
 NEVER_TRAINED = (m.ORIGINAL_EXPERT, m.REPLICATED_FFN, m.DENSE_FFN, m.INERT)
 
 
-def trainable_groups(cfg: TrainableConfig) -> set[str]:
+def trainable_groups(cfg: TrainableConfig | DenseCptTrainable) -> set[str]:
     """The parameter groups (see deltamoe.train.model) that ``cfg`` trains."""
+    if isinstance(cfg, DenseCptTrainable):  # a dense model: its FFNs are the dense_ffn group
+        dense = {m.DENSE_FFN: cfg.ffn, m.ATTENTION: cfg.attention, m.NORM: cfg.norms, m.EMBEDDING: cfg.embeddings}
+        return {g for g, on in dense.items() if on}
     chosen = {
         m.NEW_EXPERT: cfg.new_experts,
         m.ROUTER: cfg.routers,
@@ -47,7 +53,7 @@ class PolicySummary:
         return sum(n for n, _ in self.params_by_group.values())
 
 
-def apply_policy(model: nn.Module, layout: m.Layout, cfg: TrainableConfig) -> PolicySummary:
+def apply_policy(model: nn.Module, layout: m.Layout, cfg: TrainableConfig | DenseCptTrainable) -> PolicySummary:
     """Set ``requires_grad`` on every parameter; return what trains."""
     groups = trainable_groups(cfg)
     by_name = dict(model.named_parameters(remove_duplicate=False))
