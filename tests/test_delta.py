@@ -245,6 +245,28 @@ def test_chunked_streaming_equals_whole_tensors(dense_model, tmp_path: Path, mon
         torch.testing.assert_close(whole_mean[n], rows_mean[n], rtol=0, atol=1e-7)
 
 
+def test_sha256_cache_never_serves_a_stale_digest(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from deltamoe.provenance import sha256_file
+
+    monkeypatch.setenv("DELTAMOE_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "shard.safetensors"
+    data = bytearray(torch.randint(0, 256, (17 * 2**20,), dtype=torch.uint8).numpy().tobytes())
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 1  # cached ...
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()  # ... and served
+    data[5] ^= 1
+    with open(f, "r+b") as fh:  # same size, rewritten in place
+        fh.write(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+    monkeypatch.setenv("DELTAMOE_HASH_CACHE", "0")
+    data[6] ^= 1
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+
+
 # -- bad input: a clear error naming the tensor or file, exit 1, nothing written ---------------
 def _graft_cli(out: Path, *args: str) -> tuple[int, str]:
     res = runner.invoke(app, ["graft", str(out), *args, "-q"])

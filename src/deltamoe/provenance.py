@@ -19,7 +19,56 @@ FORMAT_VERSION = 1
 _CHUNK = 8 * 2**20
 
 
+# Files at least this large have their sha256 cached (see _hash_cache_key).
+_CACHE_MIN_BYTES = 16 * 2**20
+
+
+def _hash_cache_dir() -> Path | None:
+    if os.environ.get("DELTAMOE_HASH_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("DELTAMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deltamoe"
+    )
+    return Path(root) / "sha256"
+
+
+def _hash_cache_key(path: str | os.PathLike[str]) -> tuple[str, os.stat_result]:
+    # Like git's index: a file whose path, inode, size, mtime and ctime are unchanged has
+    # unchanged contents. ctime cannot be set back by user tools, so a rewrite always misses.
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest(), st
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file; large files' digests are cached by stat identity (DELTAMOE_HASH_CACHE=0 disables).
+
+    Grafting one delta onto many MoEs, or re-running a recipe, then hashes the unchanged base
+    and post-trained models once instead of on every run.
+    """
+    cache = _hash_cache_dir()
+    key, st = _hash_cache_key(path)
+    entry = cache / key if cache is not None and st.st_size >= _CACHE_MIN_BYTES else None
+    if entry is not None:
+        try:
+            cached = entry.read_text().strip()
+            if len(cached) == 64:
+                return cached
+        except (OSError, UnicodeDecodeError):
+            pass
+    digest = _sha256_file(path)
+    if entry is not None and _hash_cache_key(path)[0] == key:  # unchanged while we read it
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{key}.{os.getpid()}")
+            tmp.write_text(digest + "\n")
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return digest
+
+
+def _sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)  # one reused buffer: hashing a 16 GB model costs 8 MB of memory
     view = memoryview(buf)
