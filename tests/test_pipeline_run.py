@@ -1,0 +1,111 @@
+"""`deltamoe run` end to end on the micro toy world: every system, traceable numbers, caching,
+and a run killed mid-stage that resumes to the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deltamoe.checkpoint import Checkpoint
+from deltamoe.demo import demo_recipe_text
+from deltamoe.pipeline import build_plan, run_recipe
+from deltamoe.provenance import describe_checkpoint
+from deltamoe.recipe import load_recipe
+from deltamoe.report import LABELS
+
+
+def _micro_recipe(tmp: Path) -> Path:
+    r = yaml.safe_load(demo_recipe_text())
+    r["toy"] = {"size": "micro", "seed": 0}
+    r["train"]["post_pretrain"]["train"].update(steps=6, micro_batch_size=4, warmup_steps=1)
+    r["train"]["router_review"]["train"].update(steps=6, micro_batch_size=4)
+    r["train"]["router_review"]["checkpoint"] = {"every": 1, "keep_last": 10}
+    r["train"]["post_pretrain"]["data"]["seq_len"] = 32
+    r["train"]["router_review"]["data"]["seq_len"] = 32
+    r["eval"]["max_items"] = 6
+    r["eval"]["batch_size"] = 8
+    p = tmp / "recipe.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, toy_micro: Path) -> Path:
+    work = tmp_path_factory.mktemp("pipeline")
+    recipe = _micro_recipe(work)
+    stages, _, _ = build_plan(*load_recipe(recipe))
+    shutil.copytree(toy_micro, stages[0].out)  # the toy stage's output: reuse the session's micro build
+    return work
+
+
+@pytest.mark.slow
+def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
+    recipe = run_dir / "recipe.yaml"
+    first = run_recipe(recipe, progress=False, log=lambda m: None)
+    assert first["executed"] == [p["stage"] for p in first["plan"] if p["stage"] != "toy"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results["systems"]) == [
+        "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+        "budget_matched", "moe_lpr", "deltamoe",
+    ]
+    for name, entry in results["systems"].items():
+        # every evaluated checkpoint is named by its sha256, recomputed here from the files
+        assert describe_checkpoint(Checkpoint(entry["checkpoint"]))["sha256"] == entry["sha256"], name
+        assert set(entry["toy"]) == {"en", "vel", "kyr", "tol"}
+    # every number in the report's table comes from results.json
+    report = (run_dir / "report.md").read_text()
+    for name, entry in results["systems"].items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:5] == [f"{entry['toy'][lang]['qa']:.3f}" for lang in ("en", "vel", "kyr", "tol")]
+        assert cells[7:11] == [f"{entry['toy'][lang]['ppl']:.2f}" for lang in ("en", "vel", "kyr", "tol")]
+    budget = results["budget_matched"]
+    assert budget["dense_steps"] > 0 and abs(budget["dense_flops"] - budget["moe_flops"]) / budget["moe_flops"] < 0.1
+    assert results["systems"]["deltamoe"]["routing"]["num_experts"] == 4
+    for png in ("accuracy", "tradeoff", "routing-deltamoe", "training_loss"):
+        assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
+    # the second run trains and grafts nothing
+    second = run_recipe(recipe, progress=False, log=lambda m: None)
+    assert second["executed"] == []
+    assert json.loads((run_dir / "results.json").read_text())["systems"] == results["systems"]
+
+
+@pytest.mark.slow
+def test_killed_mid_stage_resumes_to_the_same_bytes(run_dir: Path) -> None:
+    recipe = run_dir / "recipe.yaml"
+    before = json.loads((run_dir / "results.json").read_text())
+    stages = {s.name: s for s in build_plan(*load_recipe(recipe))[0]}
+    downstream = ["router_review", "deltamoe", "eval-moe_lpr", "eval-deltamoe"]
+    for name in downstream:
+        shutil.rmtree(stages[name].out)
+    shutil.rmtree(str(stages["router_review"].out) + ".run")
+    exe = Path(sys.executable).parent / "deltamoe"
+    proc = subprocess.Popen([str(exe), "run", str(recipe), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpts = Path(str(stages["router_review"].out) + ".run") / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and any(re.match(r"step-\d+$", p.name) for p in ckpts.iterdir())):
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no cleanup at all
+    proc.wait()
+    assert not stages["router_review"].out.exists(), "a killed stage must not leave an output that looks complete"
+    again = run_recipe(recipe, progress=False, log=lambda m: None)
+    assert again["executed"] == downstream
+    after = json.loads((run_dir / "results.json").read_text())
+    # resumed training is bit-identical, so the grafted model and all scores are the same bytes
+    assert after["systems"]["deltamoe"]["sha256"] == before["systems"]["deltamoe"]["sha256"]
+    assert after["systems"] == before["systems"]
+    leftovers = [p.name for p in (run_dir / "stages").iterdir() if ".tmp-" in p.name]
+    assert leftovers == [], "stale temporary directories are cleaned on the next run"
