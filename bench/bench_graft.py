@@ -11,6 +11,11 @@ each) and M, B upcycled to 4 experts (3.84 GB). Measured, each command in a fres
   output's bytes once, fsync'd);
 - the I/O floor of the merge, for reference.
 
+deltamoe records the sha256 of every input and caches the digests of unchanged files (by stat
+identity). Each deltamoe command is therefore measured twice: with the cache warm (a repeated
+run, or a graft of the same B and P onto another M hashes only what changed) and with it off
+(``DELTAMOE_HASH_CACHE=0``: every input byte is read a second time and hashed).
+
 mergekit runs from its own virtual environment when there is one (``bench/setup_mergekit.sh``),
 else from the current one.
 """
@@ -94,8 +99,11 @@ def main() -> None:
     outs = {k: work / f"out-{k}" for k in ("merge", "mergekit", "graft", "floor")}
     out_bytes: dict[str, int] = {}
 
-    def run(key: str, argv: list[str], keep: bool = False) -> dict:
-        r = measure(argv)
+    cache_env = {"DELTAMOE_CACHE_DIR": str(work / "hash-cache")}
+    cold_env = {"DELTAMOE_HASH_CACHE": "0"}
+
+    def run(key: str, argv: list[str], keep: bool = False, env: dict | None = None) -> dict:
+        r = measure(argv, env=env or cache_env)
         r["out_bytes"] = dir_bytes(outs[key]) if outs[key].exists() else 0
         if not keep:
             shutil.rmtree(outs[key], ignore_errors=True)
@@ -133,8 +141,10 @@ def main() -> None:
     graft_inputs = [*_weights(m), *_weights(b), *_weights(p)]
     commands = {
         "deltamoe merge paramdelta": lambda: run("merge", merge_cmd()),
+        "deltamoe merge paramdelta (no hash cache)": lambda: run("merge", merge_cmd(), env=cold_env),
         "I/O floor (merge)": lambda: run("floor", io_floor_argv(merge_inputs, outs["floor"], out_bytes["merge"])),
         "deltamoe graft": lambda: run("graft", graft_cmd()),
+        "deltamoe graft (no hash cache)": lambda: run("graft", graft_cmd(), env=cold_env),
         "I/O floor (graft)": lambda: run("floor", io_floor_argv(graft_inputs, outs["floor"], out_bytes["graft"])),
     }
     if have_mk:
@@ -161,11 +171,10 @@ def main() -> None:
         "same_model_as_mergekit": equal,
         "results": res,
         "ratios": {
-            "mergekit / deltamoe merge": round(res["mergekit task_arithmetic"]["wall"]
-                                               / res["deltamoe merge paramdelta"]["wall"], 2) if have_mk else None,
-            "deltamoe merge / I/O floor": round(res["deltamoe merge paramdelta"]["wall"]
-                                                / res["I/O floor (merge)"]["wall"], 2),
-            "deltamoe graft / I/O floor": round(res["deltamoe graft"]["wall"] / res["I/O floor (graft)"]["wall"], 2),
+            **({f"mergekit / {k}": round(res["mergekit task_arithmetic"]["wall"] / res[k]["wall"], 2)
+                for k in res if k.startswith("deltamoe merge")} if have_mk else {}),
+            **{f"{k} / I/O floor": round(res[k]["wall"] / res[f"I/O floor ({k.split()[1]})"]["wall"], 2)
+               for k in res if k.startswith("deltamoe")},
         },
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
