@@ -73,6 +73,17 @@ def test_bad_recipes_name_the_field(tmp_path: Path, mutate, message: str) -> Non
     assert message in str(e.value)
 
 
+def test_training_sections_are_validated_before_anything_runs(tmp_path: Path) -> None:
+    r = _demo()
+    r["train"]["router_review"]["train"]["stpes"] = 3
+    with pytest.raises(UsageError, match=r"(?s)train\.router_review: .*train\.stpes: unknown field \(did you mean 'steps'\?\)"):
+        run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)
+    r = _demo()
+    r["dense_cpt"] = {"train": {"lr": -1}}
+    with pytest.raises(UsageError, match=r"(?s)dense_cpt: .*train\.lr"):
+        run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)
+
+
 def test_unknown_lm_eval_task_is_an_error(tmp_path: Path) -> None:
     r = _demo()
     r["eval"] = {"suites": ["toy", "lm_eval"], "lm_eval_tasks": ["belebele_ell_Grek", "belebele_xx_Nope"]}

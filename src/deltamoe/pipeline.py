@@ -74,6 +74,35 @@ def _tokens_per_step(train: dict[str, Any], data: dict[str, Any]) -> int:
     return int(train.get("micro_batch_size", 8)) * int(train.get("grad_accum", 1)) * int(data["seq_len"])
 
 
+def check_train_sections(recipe: Recipe, source: str) -> None:
+    """Validate every training stage of the recipe against the training schema now, so that a
+    misspelt training field fails before hours of earlier stages, not when its stage starts."""
+    from deltamoe.train.config import load_config
+
+    stages: list[tuple[str, str, dict[str, Any]]] = [
+        ("post_pretrain", "train.post_pretrain", recipe.train.post_pretrain.model_dump())
+    ]
+    if recipe.train.router_review is not None:
+        stages.append(("router_review", "train.router_review", recipe.train.router_review.model_dump()))
+    if set(recipe.baselines) & {"dense_cpt", "paramdelta", "budget_matched", *MERGE_BASELINES}:
+        stages.append(("dense_cpt", "dense_cpt", _dense_spec(recipe)))
+    placeholder = Path("/nonexistent-until-run")
+    for stage, where, spec in stages:
+        cfg = _train_config(stage, spec, placeholder / "model", placeholder / "out", recipe.seed, placeholder / "toy")
+        try:
+            load_config(cfg)
+        except UsageError as e:
+            raise UsageError(f"{source}: {where}: {str(e).removeprefix('config: ')}") from None
+
+
+def _dense_spec(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "data": recipe.dense_cpt.data or recipe.train.post_pretrain.data,
+        "train": {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train},
+        "logging": recipe.dense_cpt.logging,
+    }
+
+
 def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
     """Steps of dense CPT with the same training FLOPs as the MoE's stage 1 + stage 2 (see module doc)."""
     c = _param_counts(base)
@@ -181,9 +210,8 @@ def build_plan(
         systems["post"] = post_ref
     if "moe_lpr" in wanted:
         systems["moe_lpr"] = moe_final
-    dense_data = recipe.dense_cpt.data or recipe.train.post_pretrain.data
-    dense_train = {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train}
-    dense_spec = {"data": dense_data, "train": dense_train, "logging": recipe.dense_cpt.logging}
+    dense_spec = _dense_spec(recipe)
+    dense_train = dense_spec["train"]
     needs_cpt = wanted & {"dense_cpt", "paramdelta", *MERGE_BASELINES}
     if needs_cpt:
         add("dense_cpt", "train", {"stage": "dense_cpt", **dense_spec, "seed": recipe.seed},
@@ -378,6 +406,7 @@ def run_recipe(
             check_lm_eval_tasks(recipe.eval.lm_eval_tasks)
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
+    check_train_sections(recipe, str(path))
     stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=dry_run)
     est = estimate_disk(stages, recipe, rdir)
     plan = [{"stage": s.name, "kind": s.kind, "key": s.key, "cached": s.out.is_dir(), "est_bytes": est[s.name],
