@@ -275,7 +275,7 @@ def _graft_cli(out: Path, *args: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["arch-mismatch", "shape-mismatch", "moe-other-family", "moe-other-shape", "missing-tensor",
+    ["arch-mismatch", "shape-mismatch", "vocab-shrunk", "moe-other-family", "moe-other-shape", "missing-tensor",
      "nan-post", "inf-moe", "delta-other-base", "base-other-sha", "bad-experts"],
 )
 def test_bad_input(case: str, dense_model, tmp_path: Path) -> None:
@@ -291,6 +291,12 @@ def test_bad_input(case: str, dense_model, tmp_path: Path) -> None:
         t["model.layers.1.self_attn.o_proj.weight"] = t["model.layers.1.self_attn.o_proj.weight"][:, :16].contiguous()
         p = save(tmp_path / "Pbad", t, open_checkpoint(p).config)
         expect = ["model.layers.1.self_attn.o_proj.weight", "[32, 16]", "[32, 32]"]
+    elif case == "vocab-shrunk":  # fewer rows than B is not an added vocabulary: refused
+        t = load_all(p)
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[n] = t[n][:90].contiguous()
+        p = save(tmp_path / "Psmall", t, {**open_checkpoint(p).config, "vocab_size": 90})
+        expect = ["lm_head.weight", "[90, 32]", "[97, 32]", str(p / "model.safetensors")]
     elif case == "moe-other-family":
         m = upcycle(dense_model("qwen3-untied"), tmp_path / "Mq", num_experts=E, top_k=2, progress=False)
         expect = [str(m), "qwen3"]

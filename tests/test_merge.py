@@ -162,6 +162,22 @@ def test_chunked_streaming_equals_whole_tensors(method: str, bcp: dict[str, Path
     assert whole.keys() == rows.keys() and all(torch.equal(whole[n], rows[n]) for n in whole)
 
 
+def test_tokenizer_from(bcp: dict[str, Path], tmp_path: Path) -> None:
+    """The tokenizer, chat template and config come from the last model unless --tokenizer-from says otherwise."""
+    res = runner.invoke(app, ["merge", str(tmp_path / "o"), "--method", "task_arithmetic", "--base", str(bcp["B"]),
+                              "--model", str(bcp["P"]), "--model", str(bcp["C"]), "--tokenizer-from", str(bcp["P"]),
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    for name, text in TOKENIZER_FILES.items():
+        assert (tmp_path / "o" / name).read_text() == text
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["eos_token_id"] == 7
+    out = merge([bcp["P"], bcp["C"]], tmp_path / "last", base=bcp["B"], method="task_arithmetic", progress=False)
+    assert not (out / "chat_template.jinja").exists()  # C (last) has none
+    res = runner.invoke(app, ["merge", str(tmp_path / "x"), "--method", "task_arithmetic", "--base", str(bcp["B"]),
+                              "--model", str(bcp["C"]), "--tokenizer-from", str(tmp_path), "-q"])
+    assert res.exit_code == 1 and "--tokenizer-from" in res.output
+
+
 def test_dare_statistics_and_determinism(bcp: dict[str, Path], tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     d = torch.randn(400, 500, generator=g)
