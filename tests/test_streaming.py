@@ -15,12 +15,18 @@ import pytest
 from deltamoe.checkpoint import Checkpoint
 from deltamoe.synthetic import llama_config, write_dense
 
-# Runs upcycle in a fresh interpreter and prints its peak RSS (bytes).
+# Runs upcycle in a fresh interpreter and prints its peak RSS (bytes). ru_maxrss would not do:
+# Linux carries the parent's resident size at fork() across exec(), so a child of a large pytest
+# process would report pytest's size. Resetting the high-water mark first (clear_refs 5) and
+# reading VmHWM measures the child alone.
 _CHILD = """
-import json, resource, sys
+import json, sys
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 from deltamoe.upcycle import upcycle
 upcycle(sys.argv[1], sys.argv[2], num_experts=int(sys.argv[3]), top_k=2, noise=0.01, seed=0, progress=False)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))
 """
 
 
