@@ -215,3 +215,30 @@ def test_parsers() -> None:
     for bad in (["en"], ["en=0", "en=1"], ["en=x"]):
         with pytest.raises(UsageError, match="--allocate"):
             parse_allocation(bad)
+
+
+def test_dense_class_defaults_are_made_explicit(dense_model, tmp_path: Path) -> None:
+    """A dense config.json that relies on Llama's defaults must not silently get Mixtral's
+    (rms_norm_eps 1e-6 vs 1e-5, rope_theta 1e4 vs 1e6)."""
+    import shutil
+
+    dense = tmp_path / "dense"
+    shutil.copytree(dense_model("llama-untied-gqa"), dense)
+    cfg = json.loads((dense / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "hidden_act"):
+        cfg.pop(key, None)
+    (dense / "config.json").write_text(json.dumps(cfg))
+    out = upcycle(dense, tmp_path / "moe", num_experts=2, top_k=1, progress=False)
+    mcfg = json.loads((out / "config.json").read_text())
+    assert mcfg["rms_norm_eps"] == 1e-6 and mcfg["rope_theta"] == 10000.0 and mcfg["hidden_act"] == "silu"
+    ref, moe = _load(dense), _load(out)
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert (ref(x).logits - moe(x).logits).abs().max().item() <= 1e-5
+
+
+def test_rope_is_stated_for_transformers_4_readers(dense_model, tmp_path: Path) -> None:
+    out = upcycle(dense_model("llama31-rope"), tmp_path / "moe", num_experts=2, top_k=1, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0

@@ -29,6 +29,8 @@ _UNIVERSAL_KEYS = frozenset(
     {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
      "rope_theta", "rope_scaling", "rope_parameters", "use_cache"}
 )
+# Generic PretrainedConfig fields that change what the model computes or generates.
+_SEMANTIC_GENERIC_KEYS = frozenset({"tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"})
 # Keys that would need code this tool cannot vouch for.
 _FORBIDDEN_KEYS = {"auto_map": "it needs trust_remote_code", "quantization_config": "deltamoe needs unquantized weights"}
 
@@ -184,29 +186,40 @@ def moe_config(
     source: str = "config.json",
 ) -> dict[str, Any]:
     """Map a dense config dict to the MoE config dict; every dense field is carried or refused."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, PretrainedConfig
 
     for key, why in _FORBIDDEN_KEYS.items():
         if dense.get(key):
             raise ArchitectureError(f"{source}: field {key!r} is set; deltamoe cannot convert it ({why})")
     m = spec.config
+    target_cls = CONFIG_MAPPING[spec.moe_model_type]
+    # Fields the dense config.json leaves to its class defaults must not silently take the MoE
+    # class's defaults instead (Llama's rms_norm_eps is 1e-6, Mixtral's 1e-5; rope_theta 1e4 vs
+    # 1e6): make the dense model's effective values explicit.
+    try:
+        effective = CONFIG_MAPPING[dense["model_type"]](**{k: v for k, v in dense.items() if k != "model_type"}).to_dict()
+    except Exception as e:
+        raise ArchitectureError(f"{source}: transformers rejects this config: {e}") from None
+    bookkeeping = set(PretrainedConfig().to_dict()) - _SEMANTIC_GENERIC_KEYS
+    defaults = {k: v for k, v in effective.items() if k not in dense and k not in bookkeeping}
+    dense = {**defaults, **dense}
     for req in m.require:
         if req.field in dense and req.violated_by(dense[req.field]):
             raise ArchitectureError(
                 f"{source}: {req.field} = {dense[req.field]!r} cannot be carried over to "
                 f"{spec.moe_architecture} ({req.why}); only {req.equals if req.each is None else 'all ' + repr(req.each)} can"
             )
-    target_cls = CONFIG_MAPPING[spec.moe_model_type]
     known = set(target_cls().to_dict()) | _UNIVERSAL_KEYS | set(m.carry) | set(m.drop)
     known |= set(getattr(target_cls, "attribute_map", {}))
-    unknown = sorted(k for k in dense if k not in known)
+    unknown = sorted(k for k in dense if k not in known and k not in defaults)
     if unknown:
         raise ArchitectureError(
             f"{source}: field(s) {unknown} of the dense {dense.get('model_type')} config have no "
             f"counterpart in {spec.moe_architecture}; refusing to drop them silently"
         )
     n_layers = _num_layers(dense, source)
-    out = {k: v for k, v in dense.items() if k not in m.drop}
+    out = {k: v for k, v in dense.items() if k not in m.drop and (k in known or k not in defaults)}
+    _add_legacy_rope(out)
     out["model_type"] = spec.moe_model_type
     out["architectures"] = [spec.moe_architecture]
     out.update(m.set)
@@ -226,6 +239,17 @@ def moe_config(
     except Exception as e:  # transformers validates its own fields
         raise ArchitectureError(f"{source}: the mapped {spec.moe_model_type} config is invalid: {e}") from None
     return out
+
+
+def _add_legacy_rope(cfg: dict[str, Any]) -> None:
+    """Also state RoPE in the transformers 4.x keys, which 4.x reads (5.x reads ``rope_parameters``)."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return
+    if "rope_theta" not in cfg and "rope_theta" in rp:
+        cfg["rope_theta"] = rp["rope_theta"]
+    if "rope_scaling" not in cfg and rp.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
 
 
 def inert_shape(inert: InertTensor, moe_cfg: dict[str, Any]) -> tuple[int, ...]:
