@@ -331,7 +331,7 @@ def merge(
                     else:
                         mixed = combine(deltas, weights, consensus=consensus, normalize=bool(normalize), lambda_=lambda_)
                     del deltas
-                    o = add32(ts[0], mixed)
+                    o = add32(ts[0], mixed, scratch=True)  # the output piece: consumed at once
                     if mean is not None:
                         mean.add(o)
                     return [(n, a, o)]
