@@ -28,3 +28,29 @@ def dense_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return cache[key]
 
     return get
+
+
+# -- toy world (tests/test_toy.py, tests/test_evaluate.py) ------------------------------------
+@pytest.fixture(scope="session")
+def toy_micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smaller-than-tiny toy world: corpora and models in seconds (no sanity pattern)."""
+    from deltamoe.toy import build
+
+    return build(tmp_path_factory.mktemp("toy") / "micro", "micro", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny toy world (about 3 minutes on 2 cores), built once per test session."""
+    from deltamoe.toy import build
+
+    return build(tmp_path_factory.mktemp("toy") / "tiny", "tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_tiny_results(toy_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """deltamoe's toy-suite results for the tiny base and instruct models."""
+    from deltamoe.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("toy-eval")
+    return {m: evaluate(toy_tiny / m, "toy", out=out / m, progress=False) for m in ("base", "instruct")}

@@ -1,0 +1,33 @@
+"""The toy multilingual world (DESIGN.md §4): a seeded generator of people, facts and text in an
+original language and three new ones, a tokenizer, and tiny base and instruct models trained
+on it. ``deltamoe.toy.build(out, size="tiny", seed=0)`` builds everything into ``out``.
+
+Imported lazily: nothing heavy happens on ``import deltamoe.toy``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "build": "deltamoe.toy.builder",
+    "read_toy_manifest": "deltamoe.toy.builder",
+    "SIZES": "deltamoe.toy.config",
+    "ToyConfig": "deltamoe.toy.config",
+    "LANGUAGES": "deltamoe.toy.languages",
+    "ORIGINAL": "deltamoe.toy.languages",
+    "NEW_LANGUAGES": "deltamoe.toy.languages",
+}
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deltamoe.toy.builder import build, read_toy_manifest
+    from deltamoe.toy.config import SIZES, ToyConfig
+    from deltamoe.toy.languages import LANGUAGES, NEW_LANGUAGES, ORIGINAL
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'deltamoe.toy' has no attribute {name!r}")
