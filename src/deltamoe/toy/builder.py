@@ -254,7 +254,9 @@ def _pretrain_corpus(world: World, cfg: ToyConfig, seed: int, maker: Any, tokeni
     chunks: list[torch.Tensor] = []
     total = 0
     while total < target + cfg.pretrain.batch_size * cfg.seq_len:
-        block = [(lang, makers[lang].document_random(world.rc_names))
+        block = [(lang, makers[lang].parallel_document(lang, world.rc_names)
+                  if lang != ORIGINAL and rng.random() < cfg.parallel_share
+                  else makers[lang].document_random(world.rc_names))
                  for lang in rng.choices(langs, weights, k=2000)]
         ids = tokenizer([t for _, t in block], add_special_tokens=False)["input_ids"]
         flat = [i for doc in ids for i in (*doc, sep)]

@@ -62,6 +62,7 @@ class ToyConfig(_Strict):
     vocab_size: int = Field(ge=300)
     seq_len: int = Field(gt=8)  # pre-training sequence length (documents are packed)
     new_language_share: float = Field(ge=0, lt=0.25)  # of pre-training documents, per new language
+    parallel_share: float = Field(ge=0, le=1)  # of those, original + new-language translation pairs
     tokenizer_docs_per_language: int = Field(gt=0)
     cpt_docs: int = Field(gt=0)  # continued-pretraining documents per new language
     replay_fraction: float = Field(gt=0, lt=0.2)  # replay documents / all CPT documents
@@ -99,7 +100,7 @@ class ToyConfig(_Strict):
 SIZES: dict[str, ToyConfig] = {
     "micro": ToyConfig(
         name="micro", n_people=8, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=40,
-        vocab_size=400, seq_len=64, new_language_share=0.02, tokenizer_docs_per_language=200,
+        vocab_size=400, seq_len=64, new_language_share=0.02, parallel_share=0.5, tokenizer_docs_per_language=200,
         cpt_docs=200, replay_fraction=0.05, chat_examples=200, rc_chat_share=0.5, sft_lm_rows=4, sft_lm_weight=1.0, eval_rc=8,
         eval_ppl_docs=8,
         model=ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -109,7 +110,7 @@ SIZES: dict[str, ToyConfig] = {
     ),
     "tiny": ToyConfig(
         name="tiny", n_people=24, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=120,
-        vocab_size=1536, seq_len=128, new_language_share=0.01, tokenizer_docs_per_language=3000,
+        vocab_size=1536, seq_len=128, new_language_share=0.01, parallel_share=0.5, tokenizer_docs_per_language=3000,
         cpt_docs=8000, replay_fraction=0.01, chat_examples=6000, rc_chat_share=0.5, sft_lm_rows=8, sft_lm_weight=1.0, eval_rc=50,
         eval_ppl_docs=40,
         model=ModelShape(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -118,13 +119,13 @@ SIZES: dict[str, ToyConfig] = {
         sft=TrainPhase(steps=300, batch_size=32, lr=1e-3, warmup=20),
     ),
     "small": ToyConfig(
-        name="small", n_people=32, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=400,
-        vocab_size=2048, seq_len=128, new_language_share=0.01, tokenizer_docs_per_language=4000,
-        cpt_docs=20000, replay_fraction=0.01, chat_examples=10000, rc_chat_share=0.5, sft_lm_rows=8, sft_lm_weight=1.0, eval_rc=100,
-        eval_ppl_docs=60,
+        name="small", n_people=32, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=150,
+        vocab_size=2048, seq_len=128, new_language_share=0.01, parallel_share=0.5, tokenizer_docs_per_language=4000,
+        cpt_docs=20000, replay_fraction=0.01, chat_examples=10000, rc_chat_share=0.5, sft_lm_rows=8, sft_lm_weight=1.0,
+        eval_rc=100, eval_ppl_docs=60,
         model=ModelShape(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                          intermediate_size=512, max_position_embeddings=256),
-        pretrain=TrainPhase(steps=800, batch_size=32, lr=2e-3, warmup=40),
-        sft=TrainPhase(steps=250, batch_size=32, lr=7e-4, warmup=15),
+        pretrain=TrainPhase(steps=700, batch_size=32, lr=2e-3, warmup=40),
+        sft=TrainPhase(steps=400, batch_size=32, lr=7e-4, warmup=20),
     ),
 }

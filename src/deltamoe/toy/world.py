@@ -143,6 +143,16 @@ class TextMaker:
         kind = self.rng.choices([k for k, _ in DOC_MIX], [w for _, w in DOC_MIX])[0]
         return self.document(kind, names)
 
+    def parallel_document(self, lang: str, names: list[str]) -> str:
+        """One document in the original language followed by the same document (same people,
+        facts, sentence choices) in ``lang``: the translations that real multilingual corpora
+        hold a little of, and from which a model learns that words of two languages mean the
+        same. Draws one number from this maker's generator."""
+        sub = self.rng.getrandbits(64)
+        first = TextMaker(self.world, ORIGINAL, random.Random(sub), self.rc_people, self.rc_statements)
+        second = TextMaker(self.world, lang, random.Random(sub), self.rc_people, self.rc_statements)
+        return f"{first.document_random(names)} {second.document_random(names)}"
+
     def documents(self, n: int, names: list[str]) -> list[str]:
         return [self.document_random(names) for _ in range(n)]
 
