@@ -41,7 +41,7 @@ from deltamoe.checkpoint import (
     open_checkpoint,
     write_json,
 )
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, add32, diff32, is_float, row_chunks, run_steps
+from deltamoe.engine import Out, Read, Step, add32, diff32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.provenance import (
     hash_in_background,
@@ -329,7 +329,7 @@ def extract_delta(
     dtype: str = "float32",
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
 ) -> Path:
@@ -487,7 +487,7 @@ def graft(
     check_base: bool = True,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
 ) -> Path:

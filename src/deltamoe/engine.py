@@ -41,8 +41,17 @@ from deltamoe.errors import CheckpointError
 # follows the buffers in flight; 2 MB chunks reuse heap memory (fewer page faults, same speed
 # within noise on 2 cores) but leave ~40 MB more resident.
 CHUNK_ELEMS = 1 << 20
-# Default bytes of input read ahead and of output waiting to be written (each).
+# Default bytes of input read ahead and of output waiting to be written (each): a quarter of
+# the largest output tensor, between these bounds. Reads come from the page cache or a disk's
+# own read-ahead, so a few chunks in flight keep the threads busy; the bound keeps the engine's
+# memory a fraction of the largest tensor on small models too (memory goal: 2 x largest + 300 MB).
 DEFAULT_BUFFER_BYTES = 32 * 2**20
+MIN_BUFFER_BYTES = 4 * 2**20
+
+
+def auto_buffer_bytes(planned: dict[str, TensorSpec]) -> int:
+    largest = max((s.nbytes for s in planned.values()), default=0)
+    return max(MIN_BUFFER_BYTES, min(DEFAULT_BUFFER_BYTES, largest // 4))
 
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
@@ -247,7 +256,7 @@ def run_steps(
     writer: ShardedWriter,
     planned: dict[str, TensorSpec],
     *,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int | None = None,
     check_finite: bool = True,
     progress: bool = True,
     desc: str = "deltamoe",
@@ -256,10 +265,13 @@ def run_steps(
 
     ``planned`` maps each output name to its spec: computed pieces are rounded to that dtype
     (once) and must have its shape. At most ``buffer_bytes`` of inputs are read ahead and at
-    most ``buffer_bytes`` of outputs wait for the writer, beyond the step being computed.
+    most ``buffer_bytes`` of outputs wait for the writer, beyond the step being computed
+    (default: :func:`auto_buffer_bytes`).
     Raises the first error of any of the three threads; the caller aborts the writer.
     """
     return_large_frees_to_os()  # chunk buffers are freed back to the OS, not kept in the heap
+    if buffer_bytes is None:
+        buffer_bytes = auto_buffer_bytes(planned)
     reader = _Reader()
     read_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-read")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-write")

@@ -61,7 +61,7 @@ from deltamoe.delta import (
     refuse_new_rows,
     set_config_dtype,
 )
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Out, Read, Step, add32, row_chunks, run_steps
+from deltamoe.engine import Out, Read, Step, add32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
@@ -176,7 +176,7 @@ def merge(
     dtype: str = "auto",
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    buffer_bytes: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
 ) -> Path:
