@@ -148,3 +148,33 @@ def test_router_capture_only_while_active(moes) -> None:
     got = cap.ordered()
     assert [lay.index for lay in layout.routed_layers] == [0, 2] and [t.shape for t in got] == [(8, 3)] * 2
     cap.remove()
+
+
+def _eager_reference(ex: M.SplitExperts, hidden, top_k_index, top_k_weights):
+    """transformers' eager expert loop (one torch.where per expert), on the split parameters."""
+    final = torch.zeros_like(hidden)
+    mask = torch.nn.functional.one_hot(top_k_index, num_classes=ex.num_experts).permute(2, 1, 0)
+    for e in range(ex.num_experts):
+        pos, tok = torch.where(mask[e])
+        gate, up = torch.nn.functional.linear(hidden[tok], ex.gate_up(e)).chunk(2, dim=-1)
+        h = torch.nn.functional.linear(ex.act_fn(gate) * up, ex.down(e)) * top_k_weights[tok, pos, None]
+        final.index_add_(0, tok, h)
+    return final
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sorted_dispatch_matches_the_eager_loop_and_idle_experts_get_a_gradient(k) -> None:
+    gen = torch.Generator().manual_seed(k)
+    e, h, i, t = 5, 16, 24, 37
+    ex = M.SplitExperts(torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), torch.nn.SiLU())
+    hidden = torch.randn(t, h, generator=gen)
+    # expert 4 gets no token at all; the others get uneven shares
+    scores = torch.randn(t, e, generator=gen)
+    scores[:, 4] = -1e9
+    weights, index = torch.topk(scores.softmax(-1), k)
+    out = ex(hidden, index, weights)
+    assert torch.equal(out, _eager_reference(ex, hidden, index, weights))
+    out.square().sum().backward()
+    for n, p in ex.named_parameters():
+        assert p.grad is not None, n  # every expert ran (DDP needs no find_unused_parameters)
+    assert torch.count_nonzero(ex.gate_up(4).grad) == 0 and torch.count_nonzero(ex.gate_up(0).grad) > 0

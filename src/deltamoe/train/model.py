@@ -9,8 +9,10 @@ is possible but fragile. Instead each MoE layer's experts module is replaced by
 ``down_{e}`` [H, I]; direct parameters of the module, so DeepSpeed ZeRO-3 gathers them when the
 module runs). Frozen experts are then ordinary parameters with ``requires_grad=False``:
 no gradient is computed for them, they never enter the optimizer, and DDP/FSDP ignore them.
-The forward is the stock transformers eager expert loop, operation for operation, so outputs
-are bit-identical to ``experts_implementation="eager"`` (tested).
+The forward computes what the stock transformers eager expert loop computes, with the same
+matrix products on the same rows in the same order, so outputs are bit-identical to
+``experts_implementation="eager"`` (tested); it sorts the tokens by expert once instead of
+searching the routing mask once per expert.
 
 The mapping between on-disk tensor names (per-expert layout, from the ``names`` templates in
 ``deltamoe.json``) and in-memory parameters is built once (:class:`Layout`) and checked in both
@@ -74,17 +76,30 @@ class SplitExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            # same token order as transformers' eager loop: [E, K, T] mask, where() row-major
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-        for e in range(self.num_experts):
-            top_k_pos, token_idx = torch.where(mask[e])
-            x = hidden_states[token_idx]
-            gate, up = nn.functional.linear(x, self.gate_up(e)).chunk(2, dim=-1)
+            # Sort the (token, slot) pairs by expert once, instead of one torch.where per expert
+            # (each a host-device sync on a GPU). A stable sort of the slot-major flattening
+            # keeps the eager loop's order within each expert ([K, T] mask, where() row-major),
+            # so every expert multiplies the same rows in the same order: bit-identical outputs.
+            flat = top_k_index.t().reshape(-1)
+            experts, order = torch.sort(flat, stable=True)
+            # expert e's pairs are experts[bounds[e]:bounds[e + 1]] (searchsorted, unlike
+            # bincount, is allowed under torch.use_deterministic_algorithms on CUDA)
+            edges = torch.arange(self.num_experts + 1, device=flat.device, dtype=flat.dtype)
+            counts = torch.searchsorted(experts, edges).diff().tolist()  # the one host sync
+            token_idx, top_k_pos = order % num_tokens, order // num_tokens
+        x_all = hidden_states[token_idx]
+        w_all = top_k_weights[token_idx, top_k_pos, None]
+        start = 0
+        for e, n in enumerate(counts):
+            end = start + n
+            gate, up = nn.functional.linear(x_all[start:end], self.gate_up(e)).chunk(2, dim=-1)
             h = nn.functional.linear(self.act_fn(gate) * up, self.down(e))
-            h = h * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, h.to(final.dtype))
+            h = h * w_all[start:end]
+            final.index_add_(0, token_idx[start:end], h.to(final.dtype))
+            start = end
         return final
 
 
