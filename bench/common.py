@@ -22,20 +22,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Runs argv as its only child; prints {"rc", "wall", "peak_rss", "stdout"} of that child alone.
+# Runs argv as its only child; prints {"rc", "wall", "cpu", "peak_rss", "stdout"} of that child alone
+# (cpu: user + system seconds of the child and its own children).
 _RSS_WRAPPER = """
 import json, resource, subprocess, sys, time
 capture = sys.argv[1] == "1"
 t = time.perf_counter()
 p = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE if capture else subprocess.DEVNULL, text=True)
 wall = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"rc": p.returncode, "wall": wall, "stdout": p.stdout if capture else "",
-                  "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+                  "cpu": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024}))
 """
 
 
 def measure(argv: Sequence[str], env: dict[str, str] | None = None, capture: bool = False) -> dict:
-    """Wall time (startup included) and peak RSS of one run of ``argv``; its stdout if ``capture``."""
+    """Wall time (startup included), CPU time and peak RSS of one run of ``argv``; its stdout if ``capture``."""
     res = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, "1" if capture else "0", *map(str, argv)],
                          capture_output=True, text=True, env={**os.environ, **(env or {})})
     try:
@@ -63,7 +65,8 @@ def alternate(commands: dict[str, Callable[[], dict]], repeats: int, key: str = 
             print(f"  [{i + 1}/{repeats}] {name}: {r[key]:.2f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
     return {
         k: {key: statistics.median(r[key] for r in v), "peak_rss": max(r["peak_rss"] for r in v),
-            f"{key}s": [round(r[key], 3) for r in v], "runs": v}
+            f"{key}s": [round(r[key], 3) for r in v], "runs": v,
+            **({"cpu": statistics.median(r["cpu"] for r in v)} if all("cpu" in r for r in v) else {})}
         for k, v in runs.items()
     }
 

@@ -51,9 +51,12 @@ def markdown(result: dict) -> str:
                 eq = s["same_model_as_mergekit"]
                 lines += [f"deltamoe and mergekit wrote the same model: {100 * eq['identical_fraction']:.6f} % of the "
                           f"elements bit-identical, max |difference| {eq['max_abs_diff']:.2g}.", ""]
-            lines += ["| command | median wall | runs | GB/s (read + written) | peak RSS |", "|---|---|---|---|---|"]
+            lines += ["| command | median wall | runs (wall) | CPU time (median) | GB/s (read + written) | peak RSS |",
+                      "|---|---|---|---|---|---|"]
             for k, r in s["rows"].items():
                 runs = ", ".join(f"{w:.1f}" for w in r["walls"])
-                lines.append(f"| {k} | {r['wall']:.1f} s | {runs} | {r.get('gb_per_s', '')} | {mib(r['peak_rss'])} MiB |")
+                cpu = f"{r['cpu']:.1f} s" if "cpu" in r else "–"
+                lines.append(f"| {k} | {r['wall']:.1f} s | {runs} | {cpu} | {r.get('gb_per_s', '')} "
+                             f"| {mib(r['peak_rss'])} MiB |")
         lines.append("")
     return "\n".join(lines)

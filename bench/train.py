@@ -63,12 +63,24 @@ def build(work: Path, name: str) -> Path:
 
 
 # -- one variant, in its own process ------------------------------------------------------
-def stage1_step(variant: str, model_dir: Path, *, device: str = "cpu", dtype=None, lr: float = 1e-4,
-                autocast: bool = False):
-    """(step(ids) -> loss, expert0() -> list of expert-0 tensors) for ``variant`` on ``model_dir``.
+def load_stock(model_dir: Path, dtype=None, **kw):
+    """The upcycled MoE as stock transformers loads it (fused experts), on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    Shared with bench/gpu_check.py. ``dtype``: parameter dtype (default float32); ``autocast``:
-    run forward and loss under bf16 autocast (as ``deltamoe train`` does with precision bf16).
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **kw)
+
+
+def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocast: str | None = None):
+    """(step(ids) -> loss, expert0() -> expert-0 tensors) for ``variant`` on a loaded stock ``model``.
+
+    ``variant``: "deltamoe" (split experts, deltamoe's policy and losses) or "stock-IMPL" (the
+    fused experts with transformers' ``IMPL`` experts implementation, expert 0 masked). The
+    model may already be on its device. ``autocast``: a device type to run the forward pass and
+    the loss under bf16 autocast (as ``deltamoe train`` does with precision bf16), or None.
+    Shared with bench/gpu_check.py.
     """
     import contextlib
 
@@ -78,18 +90,17 @@ def stage1_step(variant: str, model_dir: Path, *, device: str = "cpu", dtype=Non
     from deltamoe.provenance import read_manifest
     from deltamoe.train import losses as L
 
-    dtype = dtype or torch.float32
-    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-    ckpt = open_checkpoint(model_dir)
+    ctx = (lambda: torch.autocast(autocast, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     moe = read_manifest(model_dir)["moe"]
     top_k = int(moe["top_k"])
+    device = next(model.parameters()).device
     if variant == "deltamoe":
         from deltamoe.train.config import PostPretrainTrainable
-        from deltamoe.train.model import RouterCapture, load_for_training
+        from deltamoe.train.model import RouterCapture, split_and_map
         from deltamoe.train.policy import apply_policy
 
-        model, layout = load_for_training(ckpt, moe, progress=False)
-        model.to(device=device, dtype=dtype)
+        model.config.use_cache = False
+        layout = split_and_map(model, moe, open_checkpoint(model_dir))  # as load_for_training does
         apply_policy(model, layout, PostPretrainTrainable())
         cap = RouterCapture(layout.routed_layers)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -106,13 +117,11 @@ def stage1_step(variant: str, model_dir: Path, *, device: str = "cpu", dtype=Non
             opt.zero_grad(set_to_none=True)
             return loss
     else:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         impl = variant.split("-", 1)[1]
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, experts_implementation=impl)
-        model.to(device)
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation(impl)
+        else:
+            model.config._experts_implementation = impl
         model.config.router_aux_loss_coef = 0.01
         experts = []
         for name, p in model.named_parameters():
@@ -137,7 +146,7 @@ def stage1_step(variant: str, model_dir: Path, *, device: str = "cpu", dtype=Non
             return out.loss
 
     model.train()
-    return step, expert0, model
+    return step, expert0
 
 
 def worker(variant: str, model_dir: Path, mb: int, seq: int, steps: int, warmup: int) -> dict:
@@ -148,7 +157,7 @@ def worker(variant: str, model_dir: Path, mb: int, seq: int, steps: int, warmup:
     vocab = open_checkpoint(model_dir).config["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (mb, seq), generator=gen) for _ in range(warmup + steps)]
-    step, expert0, _ = stage1_step(variant, model_dir)
+    step, expert0 = make_step(variant, load_stock(model_dir), model_dir)
     before = expert0()
     for ids in batches[:warmup]:
         step(ids)
