@@ -135,7 +135,8 @@ def _build_into(tmp: Path, final: Path, cfg: ToyConfig, seed: int, key: str, pro
     _write_replay(tmp, world, cfg, seed, cpt, maker)
     _write_eval(tmp, world, cfg, maker)
     chat = _chat_items(world, cfg, maker(ORIGINAL, "chat"))
-    _write_jsonl(tmp / "chat.jsonl", [{"messages": chat_messages(it), "task": it["task"]} for it in chat])
+    _write_jsonl(tmp / "chat.jsonl", [{"messages": chat_messages(it), "task": it["task"],
+                                       **{k: it[k] for k in ("person", "relation") if k in it}} for it in chat])
 
     # -- tokenizer: trained on every language ---------------------------------------------
     tok_texts = [d for lang in (ORIGINAL, *NEW_LANGUAGES)
@@ -258,8 +259,10 @@ def _pretrain_corpus(world: World, cfg: ToyConfig, seed: int, maker: Any, tokeni
                   if lang != ORIGINAL and rng.random() < cfg.parallel_share
                   else makers[lang].document_random(world.rc_names))
                  for lang in rng.choices(langs, weights, k=2000)]
-        ids = tokenizer([t for _, t in block], add_special_tokens=False)["input_ids"]
-        flat = [i for doc in ids for i in (*doc, sep)]
+        # the Rust tokenizer directly: documents are packed, so a long one is no problem (the
+        # transformers wrapper would warn about model_max_length)
+        encs = tokenizer.backend_tokenizer.encode_batch([t for _, t in block], add_special_tokens=False)
+        flat = [i for enc in encs for i in (*enc.ids, sep)]
         chunks.append(torch.tensor(flat, dtype=torch.long))
         total += len(flat)
         rows += [{"text": t, "lang": lang} for lang, t in block]

@@ -163,13 +163,14 @@ class TextMaker:
         p, r, v = self.rng.choice(facts)
         question = self._question(p, r)
         return {"task": "rc", "context": " ".join(sents), "question": question,
-                "prompt": f"{' '.join(sents)}\n{question}", "answer": self.lang.value(v)}
+                "prompt": f"{' '.join(sents)}\n{question}", "answer": self.lang.value(v), "relation": r}
 
     def fact_item(self, person: str, relation: str) -> dict[str, str]:
         """A world fact: the user message is only the question."""
         question = self._question(person, relation)
         return {"task": "facts", "context": "", "question": question, "prompt": question,
-                "answer": self.lang.value(self.world.facts[(person, relation)])}
+                "answer": self.lang.value(self.world.facts[(person, relation)]), "person": person,
+                "relation": relation}
 
 
 def chat_messages(item: dict[str, str]) -> list[dict[str, str]]:
