@@ -13,7 +13,7 @@
 
 Precision: parameters, gradients and AdamW states in bf16 for every variant. The 8-expert MoE
 has ~5.9B parameters, ~4.9B of them trainable: ``deltamoe train --precision bf16`` keeps float32
-master weights and optimizer states (~85 GB for this model before activations), which an H100
+master weights and optimizer states (~80 GB for this model before activations), which an H100
 cannot hold; the check times the same arithmetic in pure bf16.
 
 Needs torch, transformers, safetensors, tokenizers and pydantic (bench/gpu.sh installs carried
