@@ -41,7 +41,7 @@ PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), 
 FULL = dict(hidden=2048, intermediate=5632, layers=20, vocab=32000, heads=16, kv_heads=4)  # 1.03B dense
 SMOKE = dict(hidden=64, intermediate=160, layers=2, vocab=512, heads=4, kv_heads=2)
 EXPERTS, TOP_K = 8, 2
-VARIANTS = ("deltamoe", "stock-grouped_mm", "stock-eager")
+VARIANTS = ("deltamoe", "deltamoe-eager", "stock-grouped_mm", "stock-eager")
 
 
 def peak_tflops(name: str) -> float | None:
@@ -287,15 +287,16 @@ def markdown(r: dict) -> str:
         lines.append("")
     rows = r.get("train_rows", {})
     if rows:
-        lines += ["| variant | tokens/s | s/step | TFLOP/s | MFU | peak GPU memory | expert 0 unchanged |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| variant | tokens/s | s/step | TFLOP/s | MFU | peak GPU memory | expert 0 unchanged | loss first → last |",
+                  "|---|---|---|---|---|---|---|---|"]
         for v, x in rows.items():
             if "error" in x:
-                lines.append(f"| {v} | failed: {x['error'][:200]} | | | | | |")
+                lines.append(f"| {v} | failed: {x['error'][:200]} | | | | | | |")
                 continue
             mfu = f"{100 * x['mfu']:.1f} %" if "mfu" in x else "–"
             lines.append(f"| {v} | {x['tokens_per_s']:.0f} | {x['s_per_step']:.3f} | {x['tflops']:.1f} | {mfu} | "
-                         f"{x.get('peak_gpu_mem_gib', '–')} GiB | {x['expert0_unchanged']} |")
+                         f"{x.get('peak_gpu_mem_gib', '–')} GiB | {x['expert0_unchanged']} | "
+                         f"{x['loss_first_last'][0]:.4f} → {x['loss_first_last'][1]:.4f} |")
         lines.append("")
     if "speedup_of_deltamoe" in r:
         lines.append("deltamoe speed-up: " + ", ".join(f"{v / 1:.2f}x over {k}" for k, v in

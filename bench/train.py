@@ -76,7 +76,7 @@ def load_stock(model_dir: Path, dtype=None, **kw):
 def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocast: str | None = None):
     """(step(ids) -> loss, expert0() -> expert-0 tensors) for ``variant`` on a loaded stock ``model``.
 
-    ``variant``: "deltamoe" (split experts, deltamoe's policy and losses) or "stock-IMPL" (the
+    ``variant``: "deltamoe" or "deltamoe-IMPL" (split experts with experts_implementation IMPL, default auto; deltamoe's policy and losses) or "stock-IMPL" (the
     fused experts with transformers' ``IMPL`` experts implementation, expert 0 masked). The
     model may already be on its device. ``autocast``: a device type to run the forward pass and
     the loss under bf16 autocast (as ``deltamoe train`` does with precision bf16), or None.
@@ -94,13 +94,14 @@ def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocas
     moe = read_manifest(model_dir)["moe"]
     top_k = int(moe["top_k"])
     device = next(model.parameters()).device
-    if variant == "deltamoe":
+    if variant.startswith("deltamoe"):
         from deltamoe.train.config import PostPretrainTrainable
         from deltamoe.train.model import RouterCapture, split_and_map
         from deltamoe.train.policy import apply_policy
 
         model.config.use_cache = False
-        layout = split_and_map(model, moe, open_checkpoint(model_dir))  # as load_for_training does
+        impl = variant.split("-", 1)[1] if "-" in variant else "auto"
+        layout = split_and_map(model, moe, open_checkpoint(model_dir), experts_implementation=impl)  # as load_for_training
         apply_policy(model, layout, PostPretrainTrainable())
         cap = RouterCapture(layout.routed_layers)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

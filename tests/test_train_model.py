@@ -178,3 +178,65 @@ def test_sorted_dispatch_matches_the_eager_loop_and_idle_experts_get_a_gradient(
     for n, p in ex.named_parameters():
         assert p.grad is not None, n  # every expert ran (DDP needs no find_unused_parameters)
     assert torch.count_nonzero(ex.gate_up(4).grad) == 0 and torch.count_nonzero(ex.gate_up(0).grad) > 0
+
+
+def _twin_experts(impl: str, seed: int, e: int = 5, h: int = 16, i: int = 24) -> M.SplitExperts:
+    gen = torch.Generator().manual_seed(seed)
+    gate_up, down = torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen)
+    return M.SplitExperts(gate_up, down, torch.nn.SiLU(), impl)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_mm_matches_eager_values_and_gradients_and_skips_frozen_experts(k) -> None:
+    """The grouped-GEMM path (the default on CUDA) computes the eager values and gradients up to
+    summation order; a frozen expert gets no gradient, and an expert without tokens a zero one."""
+    eager, grouped = _twin_experts("eager", k), _twin_experts("grouped_mm", k)
+    for ex in (eager, grouped):
+        ex.gate_up(0).requires_grad_(False)
+        ex.down(0).requires_grad_(False)
+    gen = torch.Generator().manual_seed(10 + k)
+    hidden = torch.randn(37, 16, generator=gen)
+    scores = torch.randn(37, 5, generator=gen)
+    scores[:, 4] = -1e9  # expert 4 gets no token
+    weights, index = torch.topk(scores.softmax(-1), k)
+    inputs = [(hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)) for _ in range(2)]
+    outs = [ex(x, index, w) for ex, (x, w) in zip((eager, grouped), inputs, strict=True)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for out in outs:
+        out.square().sum().backward()
+    torch.testing.assert_close(inputs[1][0].grad, inputs[0][0].grad, rtol=1e-4, atol=1e-4)  # hidden
+    torch.testing.assert_close(inputs[1][1].grad, inputs[0][1].grad, rtol=1e-4, atol=1e-4)  # routing weights
+    for (n, pe), (_, pg) in zip(eager.named_parameters(), grouped.named_parameters(), strict=True):
+        if n.endswith("_0"):
+            assert pe.grad is None and pg.grad is None, n
+        else:
+            torch.testing.assert_close(pg.grad, pe.grad, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(grouped.gate_up(4).grad) == 0 and torch.count_nonzero(grouped.gate_up(1).grad) > 0
+
+
+def test_grouped_mm_under_bf16_autocast_returns_float32_gradients() -> None:
+    """Mixed precision (precision: bf16): float32 parameters, bf16 products, float32 gradients."""
+    eager, grouped = _twin_experts("eager", 3), _twin_experts("grouped_mm", 3)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=gen)
+    weights, index = torch.topk(torch.randn(40, 5, generator=gen).softmax(-1), 2)
+    outs = []
+    for ex in (eager, grouped):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(ex(hidden, index, weights))
+        outs[-1].float().square().sum().backward()
+    assert outs[1].dtype == outs[0].dtype == torch.float32
+    # both round the products to bf16 (8 bits of mantissa): compare relative to the output's size
+    assert (outs[1] - outs[0]).norm() / outs[0].norm() < 1e-2
+    for (n, pe), (_, pg) in zip(eager.named_parameters(), grouped.named_parameters(), strict=True):
+        assert pg.grad.dtype == torch.float32, n
+        rel = (pg.grad - pe.grad).norm() / pe.grad.norm()
+        assert rel < 2e-2, (n, float(rel))
+
+
+def test_experts_implementation_choice_and_errors() -> None:
+    assert not _twin_experts("auto", 0)._use_grouped(torch.zeros(2, 16))  # auto: CUDA only
+    with pytest.raises(M.ArchitectureError, match="hidden 10 and intermediate 24 must be multiples of 4"):
+        _twin_experts("grouped_mm", 0, h=10)._use_grouped(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="experts_implementation: 'fast'"):
+        _twin_experts("fast", 0)

@@ -110,6 +110,11 @@ class TrainingConfig(_Strict):
         "float32", description="bf16 = mixed precision: float32 weights and optimizer, bf16 autocast compute."
     )
     gradient_checkpointing: bool = False
+    experts_implementation: Literal["auto", "grouped_mm", "eager"] = Field(
+        "auto",
+        description="MoE expert forward: grouped_mm (one grouped GEMM per projection; CUDA, bf16), eager "
+        "(a loop over experts, bit-identical to transformers' eager experts), auto = grouped_mm where it runs.",
+    )
 
 
 class LossConfig(_Strict):

@@ -456,7 +456,9 @@ def train(
     set_seed(cfg.seed)
     hashes = hash_in_background(ckpt) if acc.is_main_process else None
     show = cfg.logging.progress if progress is None else progress
-    model, layout = load_for_training(ckpt, moe, progress=show and acc.is_main_process)
+    model, layout = load_for_training(
+        ckpt, moe, progress=show and acc.is_main_process, experts_implementation=cfg.train.experts_implementation
+    )
     policy = apply_policy(model, layout, cfg.trainable)
     if policy.trainable_params == 0:
         raise UsageError("trainable: nothing trains in this model with these settings")
