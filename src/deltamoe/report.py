@@ -125,10 +125,19 @@ def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> 
         plt.close(fig)
         made["accuracy"] = "plots/accuracy.png"
 
-        fig, ax = plt.subplots(figsize=(6, 5))
-        for r in rows:
-            ax.scatter(r["qa_original"], r["qa_new"], s=60 if r["system"] == "deltamoe" else 30)
-            ax.annotate(r["label"], (r["qa_original"], r["qa_new"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        # Systems often coincide (B, B' and MoE-LPR all at 0; task arithmetic with weights (1, 1) is
+        # ParamΔ), so points are told apart by marker and colour in a legend, not by text labels.
+        fig, ax = plt.subplots(figsize=(8.5, 5))
+        markers = "osD^v<>pXh*P"
+        cmap = plt.get_cmap("tab20")
+        for i, r in enumerate(rows):
+            big = r["system"] == "deltamoe"
+            ax.scatter(r["qa_original"], r["qa_new"], s=140 if big else 45, marker="*" if big else markers[i % len(markers)],
+                       color=cmap(i % 20), edgecolors="black", linewidths=0.5, alpha=0.85, zorder=3 if big else 2,
+                       label=f"{r['label']} ({r['qa_original']:.2f}, {r['qa_new']:.2f})")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="system (orig, new)",
+                  title_fontsize=8, frameon=False)
+        ax.grid(alpha=0.3)
         ax.set_xlabel("original-language QA accuracy")
         ax.set_ylabel("mean new-language QA accuracy")
         ax.set_xlim(-0.02, 1.02)
