@@ -11,11 +11,10 @@ parameters, so sharing is safe). Variants keep only the baselines P, ParamΔ and
 Writes ``OUT/study.md`` (the tables the README's results section quotes) and ``OUT/study.json``:
 
 - per variant, the QA accuracy and perplexity per language of DeltaMoE and MoE-LPR;
-- for the demo's systems and each variant's DeltaMoE, what the new-language chat answers are: a
-  value word of the asked relation in the question's language (the answer behaviour transferred,
-  right or wrong), a value word of the original language (answering in the wrong language), or
-  anything else. The evaluation itself is unchanged: these numbers are read from the evaluator's
-  ``predictions.jsonl`` and the toy world's ``world.json``.
+- for the demo's systems and each variant's DeltaMoE, what the new-language chat answers are (the
+  evaluator's answer kinds, :func:`deltamoe.evaluate.qa.answer_kinds`): a value word of the asked
+  relation in the question's language (the answer behaviour transferred, right or wrong), a value
+  word of the original language (answering in the wrong language), or anything else.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import argparse
 import copy
 import json
 import os
-import re
-import string
 import subprocess
 import sys
 import time
@@ -35,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from deltamoe.report import summary_rows
+from deltamoe.report import answer_rows, summary_rows
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -73,43 +70,6 @@ VARIANTS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
 LANGS = ("en", "vel", "kyr", "tol")
 
 
-def _norm(text: str) -> str:
-    text = re.sub(r"^\s+|\s+$", "", text)
-    return text.lower().translate(str.maketrans("", "", string.punctuation))
-
-
-def answer_kinds(results: dict[str, Any], system: str, toy: Path) -> dict[str, float]:
-    """Shares of one system's new-language chat answers by kind (see the module docstring)."""
-    world = json.loads((toy / "world.json").read_text())
-    relations = world["relations"]
-    original = {c for values in relations.values() for c in values}
-    items: dict[str, dict[str, Any]] = {}
-    for lang in results["languages"]["new"]:
-        for task in ("qa_rc", "qa_facts"):
-            for line in (toy / "eval" / lang / f"{task}.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                items[row["id"]] = row
-    counts = {"target_language_value": 0, "original_language_value": 0, "other": 0, "exact_match": 0}
-    n = 0
-    preds = Path(results["systems"][system]["eval_dir"]) / "toy" / "predictions.jsonl"
-    for line in preds.read_text().splitlines():
-        p = json.loads(line)
-        if p["id"] not in items:
-            continue
-        item = items[p["id"]]
-        words = world["languages"][p["lang"]]["words"]
-        pred = _norm(p["prediction"])
-        n += 1
-        counts["exact_match"] += bool(p["correct"])
-        if pred in {_norm(words[c]) for c in relations[item["relation"]]}:
-            counts["target_language_value"] += 1
-        elif pred in original:
-            counts["original_language_value"] += 1
-        else:
-            counts["other"] += 1
-    return {k: round(v / n, 3) for k, v in counts.items()} | {"items": n}
-
-
 def _toy_dir(workdir: Path) -> Path:
     found = sorted((workdir / "stages").glob("toy-*"))
     if not found:
@@ -127,7 +87,7 @@ def main() -> None:
     out = (args.out or demo / "study").absolute()
     base = yaml.safe_load((demo / "recipe.yaml").read_text())
     deltamoe = str(Path(sys.executable).with_name("deltamoe"))
-    toy = _toy_dir(demo)
+    _toy_dir(demo)  # fail early without a finished demo
 
     runs: dict[str, dict[str, Any]] = {"demo": {"what": "the demo recipe", "results": demo / "results.json"}}
     for name in args.only or VARIANTS:
@@ -153,7 +113,7 @@ def main() -> None:
 
     table = ["| variant | system | " + " | ".join(f"QA {lang}" for lang in LANGS) + " | QA new | "
              + " | ".join(f"ppl {lang}" for lang in LANGS) + " |", "|---" * (3 + 2 * len(LANGS)) + "|"]
-    kinds = ["| system | target-language value of the asked relation | original-language value | other | exact match |",
+    kinds = ["| system | asked relation, question's language | original-language word | other | QA new (exact match) |",
              "|---|---|---|---|---|"]
     summary: dict[str, Any] = {}
     for name, run in runs.items():
@@ -165,13 +125,13 @@ def main() -> None:
             table.append(f"| {name} | {r['label']} | " + " | ".join(f"{r[f'qa_{lang}']:.3f}" for lang in LANGS)
                          + f" | {r['qa_new']:.3f} | " + " | ".join(f"{r[f'ppl_{lang}']:.2f}" for lang in LANGS) + " |")
             summary[name]["systems"][system] = {k: r[k] for k in r if k.startswith(("qa_", "ppl_"))}
-        systems = list(rows) if name == "demo" else ["deltamoe"]
-        for system in systems:
-            k = answer_kinds(res, system, toy)
-            summary[name]["systems"].setdefault(system, {})["answer_kinds"] = k
-            label = rows[system]["label"] if name == "demo" else f"DeltaMoE, {name}"
-            kinds.append(f"| {label} | {k['target_language_value']:.3f} | {k['original_language_value']:.3f} | "
-                         f"{k['other']:.3f} | {k['exact_match']:.3f} |")
+        for k in answer_rows(res):
+            if name != "demo" and k["system"] != "deltamoe":
+                continue
+            summary[name]["systems"].setdefault(k["system"], {})["answer_kinds"] = k
+            label = k["label"] if name == "demo" else f"DeltaMoE, {name}"
+            kinds.append(f"| {label} | {k['asked_relation']:.3f} | {k['original_language']:.3f} | "
+                         f"{k['other']:.3f} | {rows[k['system']]['qa_new']:.3f} |")
     what = "\n".join(f"- `{n}`: {r['what']}" for n, r in runs.items())
     md = f"## Variants\n\n{what}\n\n" + "\n".join(table) + "\n\n## New-language chat answers by kind\n\n" + "\n".join(kinds) + "\n"
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,23 @@ def test_normalisation_matches_lm_eval_exact_match() -> None:
     assert normalize(" The Cat. ") == "the cat"
 
 
+def test_answer_kinds_classify_each_answer_once() -> None:
+    from deltamoe.evaluate.qa import answer_kinds
+
+    items = [{"id": i, "relation": rel} for i, rel in enumerate(["pet", "pet", "job", "job", "pet", "job"])]
+    preds = [" Vulu.", "rarer", "cat", "Baker", "vulu vulu", ""]  # right kind; other relation; en x2; other x2
+    records = [{"id": i, "prediction": p} for i, p in enumerate(preds)]
+    words = {"pet": {"vulu", "kinki"}, "job": {"rarer", "sadu"}}
+    k = answer_kinds(records, items, words, original_words={"cat", "baker"})
+    assert k["n"] == 6
+    assert k["asked_relation"] == pytest.approx(1 / 6)  # only " Vulu." (normalised); "rarer" is a job word
+    assert k["original_language"] == pytest.approx(2 / 6)
+    assert k["other"] == pytest.approx(3 / 6)
+    # in the original language an original word of the asked relation counts as the asked relation
+    k_en = answer_kinds(records[2:4], items[2:4], {"job": {"baker"}}, original_words={"cat", "baker"})
+    assert (k_en["asked_relation"], k_en["original_language"]) == (0.5, 0.5)
+
+
 # -- routing statistics --------------------------------------------------------------------------
 def test_routing_counter_counts_top_k_and_top1_without_padding() -> None:
     from deltamoe.evaluate.routing import RoutingCounter
@@ -54,8 +71,10 @@ def test_evaluate_writes_results_predictions_and_table(toy_micro: Path, tmp_path
     res = evaluate(toy_micro / "instruct", "toy", out=tmp_path / "ev", progress=False, max_items=3)
     assert set(res["languages"]) == set(LANGS)
     for row in res["languages"].values():
-        assert set(row) >= {"qa_rc", "qa_facts", "qa", "ppl"} and row["ppl"] > 1
+        assert set(row) >= {"qa_rc", "qa_facts", "qa", "ppl", "answers"} and row["ppl"] > 1
         assert row["qa_rc_n"] == 3
+        kinds = row["answers"]
+        assert kinds["n"] == 6 and sum(kinds[k] for k in ("asked_relation", "original_language", "other")) == pytest.approx(1)
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert saved["languages"] == json.loads(json.dumps(res["languages"]))
     assert saved["data"] == str(toy_micro)  # found from the model's location

@@ -69,6 +69,15 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1:5] == [f"{entry['toy'][lang]['qa']:.3f}" for lang in ("en", "vel", "kyr", "tol")]
         assert cells[7:11] == [f"{entry['toy'][lang]['ppl']:.2f}" for lang in ("en", "vel", "kyr", "tol")]
+    # the answer-kind table is read from results.json too (item-weighted over the new languages)
+    kinds_section = report.split("## What the new-language answers are", 1)[1]
+    for name, entry in results["systems"].items():
+        per_lang = [entry["toy"][lang]["answers"] for lang in ("vel", "kyr", "tol")]
+        n = sum(a["n"] for a in per_lang)
+        share = sum(a["asked_relation"] * a["n"] for a in per_lang) / n
+        row = next(line for line in kinds_section.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{share:.3f}" and cells[4] == str(n), name
     budget = results["budget_matched"]
     assert budget["dense_steps"] > 0 and abs(budget["dense_flops"] - budget["moe_flops"]) / budget["moe_flops"] < 0.1
     assert results["systems"]["deltamoe"]["routing"]["num_experts"] == 4

@@ -261,6 +261,8 @@ def build_plan(
         systems["budget_matched"] = "budget_matched"
 
     # -- evaluation -------------------------------------------------------------------------
+    from deltamoe.evaluate.run import EVAL_VERSION
+
     ev = recipe.eval
     toy_data = ev.toy_data
 
@@ -279,7 +281,8 @@ def build_plan(
                             batch_size=ev.batch_size)
 
     for system in [s for s in SYSTEM_ORDER if s in systems]:
-        add(f"eval-{system}", "eval", ev.model_dump(), {"model": systems[system], **toy_role}, evaluator)
+        add(f"eval-{system}", "eval", {"evaluator": EVAL_VERSION, **ev.model_dump()}, {"model": systems[system], **toy_role},
+            evaluator)
 
     ctx["systems"] = systems
     memo = workdir / "fingerprints.json"

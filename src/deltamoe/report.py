@@ -87,6 +87,26 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def answer_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per system whose evaluation classified its answers: the share of each answer kind
+    over all new-language QA items (see ``deltamoe.evaluate.qa.answer_kinds``)."""
+    from deltamoe.evaluate.qa import ANSWER_KINDS
+
+    rows = []
+    for name, entry in results["systems"].items():
+        per_lang = [entry.get("toy", {}).get(lang, {}).get("answers") for lang in results["languages"]["new"]]
+        if not per_lang or any(a is None for a in per_lang):
+            continue
+        n = sum(a["n"] for a in per_lang)
+        if not n:
+            continue
+        row: dict[str, Any] = {"system": name, "label": LABELS.get(name, name), "n": n}
+        for kind in ANSWER_KINDS:
+            row[kind] = sum(a[kind] * a["n"] for a in per_lang) / n
+        rows.append(row)
+    return rows
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The result table (markdown), as printed by the demo and written to report.md."""
     orig, new = results["languages"]["original"], results["languages"]["new"]
@@ -200,6 +220,21 @@ def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Pa
         "QA orig / QA new: mean over the original / new languages.",
         "",
     ]
+    kinds = answer_rows(results)
+    if kinds:
+        lines += [
+            "## What the new-language answers are",
+            "",
+            "Share of all new-language chat answers that are a value word of the asked relation in the question's "
+            "language (right or wrong), a value word of the original language, or anything else. A diagnostic: "
+            "the score above stays exact match.",
+            "",
+            "| system | asked relation, question's language | original-language word | other | answers |",
+            "|---|---|---|---|---|",
+            *(f"| {r['label']} | {r['asked_relation']:.3f} | {r['original_language']:.3f} | {r['other']:.3f} | {r['n']} |"
+              for r in kinds),
+            "",
+        ]
     budget = results.get("budget_matched")
     if budget:
         lines += [

@@ -120,3 +120,35 @@ def score_items(
     ]
     acc = sum(r["correct"] for r in records) / len(records) if records else float("nan")
     return acc, records
+
+
+ANSWER_KINDS = ("asked_relation", "original_language", "other")
+
+
+def answer_kinds(records: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]],
+                 relation_words: dict[str, set[str]], original_words: set[str]) -> dict[str, float]:
+    """What a language's chat answers are, beyond right or wrong (a diagnostic; the score stays
+    exact match). Each normalised prediction falls in the first kind it matches:
+
+    - ``asked_relation``: a value word of the asked relation in the question's language (the
+      answer behaviour carried over to the language, whether or not the value is right);
+    - ``original_language``: a value word of the original language (answering in the wrong
+      language; for the original language itself: a value of another relation);
+    - ``other``: anything else (another relation's word, an inflected form, several words, nothing).
+
+    ``relation_words`` maps each relation to its normalised value words in the question's language.
+    Returns the share of each kind and ``n``, the number of answers.
+    """
+    relation_of = {it.get("id"): it.get("relation") for it in items}
+    counts = dict.fromkeys(ANSWER_KINDS, 0)
+    for r in records:
+        pred = normalize(r["prediction"])
+        rel = relation_of.get(r.get("id"))
+        if rel is not None and pred in relation_words.get(rel, set()):
+            counts["asked_relation"] += 1
+        elif pred in original_words:
+            counts["original_language"] += 1
+        else:
+            counts["other"] += 1
+    n = len(records)
+    return {**{k: (v / n if n else float("nan")) for k, v in counts.items()}, "n": n}

@@ -14,6 +14,9 @@ from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.evaluate.suite import QA_TASKS, check_suite, find_toy_data, load_toy_suite
 
 RESULTS_NAME = "results.json"
+# What the evaluator measures and records; part of the eval stages' cache key in `deltamoe run`, so
+# a cached evaluation from an older evaluator is redone. 2: per-language answer kinds.
+EVAL_VERSION = 2
 PREDICTIONS_NAME = "predictions.jsonl"
 ROUTING_JSON = "routing.json"
 ROUTING_PNG = "routing.png"
@@ -55,7 +58,8 @@ def evaluate(
     (default ``MODEL/eval/SUITE``). Returns the results.
 
     Per language: ``qa_rc`` and ``qa_facts`` (chat QA accuracy, greedy, normalised exact
-    match), ``qa`` (accuracy over both), ``ppl`` (token perplexity of held-out text).
+    match), ``qa`` (accuracy over both), ``answers`` (what kind of answers they are; see
+    :func:`deltamoe.evaluate.qa.answer_kinds`), ``ppl`` (token perplexity of held-out text).
     """
     check_suite(suite)
     if batch_size < 1:
@@ -76,7 +80,7 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltamoe.evaluate.perplexity import perplexity
-    from deltamoe.evaluate.qa import MAX_NEW_TOKENS, require_chat_template, score_items
+    from deltamoe.evaluate.qa import MAX_NEW_TOKENS, answer_kinds, require_chat_template, score_items
     from deltamoe.evaluate.routing import RoutingCounter, draw_heatmap, moe_shape
 
     try:
@@ -106,6 +110,8 @@ def evaluate(
         row: dict[str, Any] = {}
         if qa:
             correct = total = 0
+            lang_items: list[dict[str, Any]] = []
+            lang_records: list[dict[str, Any]] = []
             for task in QA_TASKS:
                 items = toy.qa[lang][task]
                 acc, records = score_items(lm, tokenizer, items, batch_size=batch_size, progress=progress,
@@ -114,8 +120,12 @@ def evaluate(
                 row[f"{task}_n"] = len(items)
                 correct += sum(r["correct"] for r in records)
                 total += len(records)
+                lang_items += items
+                lang_records += records
                 predictions += [{"lang": lang, "task": task, **r} for r in records]
             row["qa"] = correct / total if total else math.nan
+            if lang in toy.relation_words:
+                row["answers"] = answer_kinds(lang_records, lang_items, toy.relation_words[lang], toy.original_words)
         counter = RoutingCounter(*shape) if shape else None
         ppl = perplexity(lm, tokenizer, toy.ppl[lang], batch_size=batch_size, router=counter,
                          progress=progress, desc=f"{lang} ppl")

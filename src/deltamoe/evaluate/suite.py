@@ -21,6 +21,10 @@ class ToySuite:
     languages: list[str]
     qa: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)  # lang -> task -> items
     ppl: dict[str, list[str]] = field(default_factory=dict)  # lang -> texts
+    # From world.json (absent in foreign data): lang -> relation -> normalised value words, and the
+    # original language's value words; used to classify answers (deltamoe.evaluate.qa.answer_kinds).
+    relation_words: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    original_words: set[str] = field(default_factory=set)
 
 
 def check_suite(suite: str) -> None:
@@ -96,4 +100,19 @@ def load_toy_suite(path: Path, languages: list[str] | None = None, max_items: in
     for lang in suite.languages:
         suite.qa[lang] = {t: _read_jsonl(path / "eval" / lang / f"{t}.jsonl")[:max_items] for t in QA_TASKS}
         suite.ppl[lang] = [r["text"] for r in _read_jsonl(path / "eval" / lang / "ppl.jsonl")[:max_items]]
+    world_path = path / "world.json"
+    if world_path.is_file():
+        from deltamoe.evaluate.qa import normalize
+
+        try:
+            world = json.loads(world_path.read_text())
+            relations: dict[str, list[str]] = world["relations"]
+            words = {code: lang["words"] for code, lang in world["languages"].items()}
+            suite.original_words = {normalize(words[world["original_language"]][c])
+                                    for values in relations.values() for c in values}
+            suite.relation_words = {code: {rel: {normalize(w[c]) for c in values} for rel, values in relations.items()}
+                                    for code, w in words.items()}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UsageError(f"{world_path}: not a toy world description ({type(e).__name__}: {e}); "
+                             f"rebuild the toy world with 'deltamoe toy build'") from None
     return suite
