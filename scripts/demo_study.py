@@ -70,11 +70,9 @@ VARIANTS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
 LANGS = ("en", "vel", "kyr", "tol")
 
 
-def _toy_dir(workdir: Path) -> Path:
-    found = sorted((workdir / "stages").glob("toy-*"))
-    if not found:
-        raise SystemExit(f"{workdir}/stages: no toy build; run 'deltamoe demo' first")
-    return found[0].resolve()
+def _require_demo(workdir: Path) -> None:
+    if not (workdir / "results.json").is_file() or not any((workdir / "stages").glob("toy-*")):
+        raise SystemExit(f"{workdir}: not a finished demo (no results.json or toy build); run 'deltamoe demo' first")
 
 
 def main() -> None:
@@ -85,9 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     demo = args.demo.absolute()
     out = (args.out or demo / "study").absolute()
+    _require_demo(demo)
     base = yaml.safe_load((demo / "recipe.yaml").read_text())
     deltamoe = str(Path(sys.executable).with_name("deltamoe"))
-    _toy_dir(demo)  # fail early without a finished demo
 
     runs: dict[str, dict[str, Any]] = {"demo": {"what": "the demo recipe", "results": demo / "results.json"}}
     for name in args.only or VARIANTS:
@@ -104,8 +102,8 @@ def main() -> None:
         (d / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         t0 = time.perf_counter()
         print(f"{name}: {what} ...", flush=True)
-        log = (d / "log.txt").open("w")
-        rc = subprocess.call([deltamoe, "run", str(d / "recipe.yaml"), "-q"], stdout=log, stderr=subprocess.STDOUT)
+        with (d / "log.txt").open("w") as log:
+            rc = subprocess.call([deltamoe, "run", str(d / "recipe.yaml"), "-q"], stdout=log, stderr=subprocess.STDOUT)
         if rc:
             raise SystemExit(f"{name}: deltamoe run failed (exit {rc}); see {d / 'log.txt'}")
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -148,7 +148,7 @@ def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> 
         # Systems often coincide (B, B' and MoE-LPR all at 0; task arithmetic with weights (1, 1) is
         # ParamΔ), so points are told apart by marker and colour in a legend, not by text labels.
         fig, ax = plt.subplots(figsize=(8.5, 5))
-        markers = "osD^v<>pXh*P"
+        markers = "osD^v<>pXhP8"  # "*" is kept for DeltaMoE
         cmap = plt.get_cmap("tab20")
         for i, r in enumerate(rows):
             big = r["system"] == "deltamoe"
