@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
     "lpr0": ("router review LPR coefficient 0", _set("train.router_review.losses.lpr", 0.0)),
     "lpr0.5": ("router review LPR coefficient 0.5", _set("train.router_review.losses.lpr", 0.5)),
     "lpr2": ("router review LPR coefficient 2", _set("train.router_review.losses.lpr", 2.0)),
+    "lpr_stage1": ("LPR coefficient 0.5 in stage 1 too (routers learn the allocation with the experts)",
+                   _set("train.post_pretrain.losses.lpr", 0.5)),
     "top1": ("top-k 1", _set("upcycle.top_k", 1)),
     "top3": ("top-k 3", _set("upcycle.top_k", 3)),
     "top1_graft_new": ("top-k 1 and graft --experts new",
