@@ -28,8 +28,11 @@ def _micro_recipe(tmp: Path) -> Path:
     r = yaml.safe_load(demo_recipe_text())
     r["toy"] = {"size": "micro", "seed": 0}
     r["train"]["post_pretrain"]["train"].update(steps=6, micro_batch_size=4, warmup_steps=1)
-    r["train"]["router_review"]["train"].update(steps=6, micro_batch_size=4)
-    r["train"]["router_review"]["checkpoint"] = {"every": 1, "keep_last": 10}
+    # Router review is the stage the kill test interrupts: enough steps, a checkpoint after each, that
+    # the run is still training well after the first checkpoint appears (with 6 steps it could finish
+    # the stage between two polls and the kill came too late).
+    r["train"]["router_review"]["train"].update(steps=80, micro_batch_size=4)
+    r["train"]["router_review"]["checkpoint"] = {"every": 1, "keep_last": 2}
     r["train"]["post_pretrain"]["data"]["seq_len"] = 32
     r["train"]["router_review"]["data"]["seq_len"] = 32
     r["eval"]["max_items"] = 6
@@ -106,7 +109,7 @@ def test_killed_mid_stage_resumes_to_the_same_bytes(run_dir: Path) -> None:
     while not (ckpts.is_dir() and any(re.match(r"step-\d+$", p.name) for p in ckpts.iterdir())):
         assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # no cleanup at all
     proc.wait()
     assert not stages["router_review"].out.exists(), "a killed stage must not leave an output that looks complete"
