@@ -10,6 +10,8 @@ Systems compared (all on the same inputs and evaluation):
     moe_lpr         the MoE after stage 1 (post-pretraining) and stage 2 (router review), no delta
     deltamoe        moe_lpr + expand(P - B)
     budget_matched  B'' + (P - B), where B'' is dense CPT with the same training FLOPs as the MoE run
+    ceiling         B' post-trained on chat data in every language (toy only): the path the method
+                    avoids, an upper bound rather than a baseline
 
 FLOPs are counted as 6 x N_active x tokens (forward 2N, backward 4N; attention-score FLOPs and
 the weight gradients that frozen weights skip are ignored, for both models alike). N_active of the
@@ -31,7 +33,9 @@ from typing import Any
 from deltamoe.errors import UsageError
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
 
-SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe")
+SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe",
+                "ceiling")
+UPPER_BOUNDS = ("ceiling",)
 
 
 def _sub(obj: Any, toy: Path | None) -> Any:
@@ -84,7 +88,7 @@ def check_train_sections(recipe: Recipe, source: str) -> None:
     ]
     if recipe.train.router_review is not None:
         stages.append(("router_review", "train.router_review", recipe.train.router_review.model_dump()))
-    if set(recipe.baselines) & {"dense_cpt", "paramdelta", "budget_matched", *MERGE_BASELINES}:
+    if recipe.wanted & {"dense_cpt", "paramdelta", "budget_matched", "ceiling", *MERGE_BASELINES}:
         stages.append(("dense_cpt", "dense_cpt", _dense_spec(recipe)))
     placeholder = Path("/nonexistent-until-run")
     for stage, where, spec in stages:
@@ -93,6 +97,16 @@ def check_train_sections(recipe: Recipe, source: str) -> None:
             load_config(cfg)
         except UsageError as e:
             raise UsageError(f"{source}: {where}: {str(e).removeprefix('config: ')}") from None
+
+
+def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
+    """The ceiling's post-training: the recipe's ceiling section over the toy's instruct recipe."""
+    from deltamoe.toy import SIZES
+
+    assert recipe.toy is not None
+    phase = SIZES[recipe.toy.size].posts[0].phase
+    c = recipe.ceiling
+    return {"steps": c.steps or 2 * phase.steps, "lr": c.lr or phase.lr, "batch_size": c.batch_size or phase.batch_size}
 
 
 def _dense_spec(recipe: Recipe) -> dict[str, Any]:
@@ -152,7 +166,7 @@ def build_plan(
 
         add("toy", "toy_build", {"size": size, "seed": seed}, {}, build_toy)
         toy_role = {"toy": "toy"}
-        base_ref, post_ref = "toy/base", "toy/instruct"
+        base_ref, post_ref = f"toy/{recipe.toy.base_model}", f"toy/{recipe.toy.post_model}"
     else:
         assert recipe.models is not None
         base_ref, post_ref = f"ext:{recipe.models.base}", f"ext:{recipe.models.post}"
@@ -203,7 +217,7 @@ def build_plan(
     systems: dict[str, str] = {"deltamoe": "deltamoe"}
 
     # -- baselines --------------------------------------------------------------------------
-    wanted = set(recipe.baselines)
+    wanted = recipe.wanted
     if "base" in wanted:
         systems["base"] = base_ref
     if "post" in wanted:
@@ -212,7 +226,7 @@ def build_plan(
         systems["moe_lpr"] = moe_final
     dense_spec = _dense_spec(recipe)
     dense_train = dense_spec["train"]
-    needs_cpt = wanted & {"dense_cpt", "paramdelta", *MERGE_BASELINES}
+    needs_cpt = wanted & {"dense_cpt", "paramdelta", "ceiling", *MERGE_BASELINES}
     if needs_cpt:
         add("dense_cpt", "train", {"stage": "dense_cpt", **dense_spec, "seed": recipe.seed},
             {"model": base_ref, **toy_role}, trainer("dense_cpt", dense_spec))
@@ -259,6 +273,19 @@ def build_plan(
         add("budget_matched", "merge", {"method": "paramdelta"},
             {"cpt": "dense_cpt_budget", "base": base_ref, "post": post_ref}, merger("paramdelta", "dense_cpt_budget"))
         systems["budget_matched"] = "budget_matched"
+
+    if "ceiling" in wanted:
+        assert recipe.toy is not None
+        ceiling = _ceiling_params(recipe)
+
+        def do_ceiling(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.toy.sft import post_train_chat
+
+            post_train_chat(inp["model"], inp["toy"] / "chat_all.jsonl", out, seed=recipe.seed, progress=progress,
+                            **ceiling)
+
+        add("ceiling", "toy_sft", {**ceiling, "seed": recipe.seed}, {"model": "dense_cpt", **toy_role}, do_ceiling)
+        systems["ceiling"] = "ceiling"
 
     # -- evaluation -------------------------------------------------------------------------
     from deltamoe.evaluate.run import EVAL_VERSION
@@ -334,7 +361,8 @@ def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
         from deltamoe.toy import SIZES
 
         cfg = SIZES[recipe.toy.size]
-        return {**cfg.model.model_dump(), "vocab_size": cfg.vocab_size, "torch_dtype": "float32"}
+        shape = cfg.model if recipe.toy.arch == "llama" or cfg.model2 is None else cfg.model2
+        return {**shape.model_dump(), "vocab_size": cfg.vocab_size, "torch_dtype": "float32"}
     assert recipe.models is not None
     p = Path(recipe.models.base).expanduser()
     p = recipe_dir / p if not p.is_absolute() and (recipe_dir / p).exists() else p
@@ -375,7 +403,7 @@ def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> d
         moe = dense + (recipe.upcycle.experts - 1) * ffn
         if s.kind in ("upcycle", "graft") or s.name in ("post_pretrain", "router_review"):
             est[s.name] = moe
-        elif s.kind in ("merge", "train"):
+        elif s.kind in ("merge", "train", "toy_sft"):
             est[s.name] = dense
         elif s.kind == "toy_build":
             est[s.name] = 2 * dense + 50 * 2**20

@@ -27,7 +27,7 @@ RECIPE_VERSION = 1  # part of every cache key: bump when a stage's meaning chang
 
 Baseline = Literal[
     "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "moe_lpr", "budget_matched",
+    "moe_lpr", "budget_matched", "ceiling",
 ]
 ALL_BASELINES: tuple[str, ...] = Baseline.__args__  # type: ignore[attr-defined]
 MERGE_BASELINES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -40,8 +40,35 @@ class _Strict(BaseModel):
 class ToySpec(_Strict):
     """Build the toy world and take B, P, corpora and evaluation sets from it."""
 
-    size: Literal["micro", "tiny", "small"] = "small"
+    size: Literal["micro", "small"] = "small"
     seed: int = 0
+    arch: Literal["llama", "qwen3"] = Field("llama", description="Which toy architecture is B: llama (-> Mixtral) "
+                                            "or qwen3 (-> Qwen3-MoE).")
+    post: Literal["instruct", "instruct2"] = Field("instruct", description="Which post-training delta to graft: "
+                                                   "instruct, or instruct2 (another recipe; llama only).")
+
+    @model_validator(mode="after")
+    def _post(self) -> ToySpec:
+        if self.arch == "qwen3" and self.post != "instruct":
+            raise ValueError("the toy's qwen3 architecture has one post-trained model: post must be 'instruct'")
+        return self
+
+    @property
+    def base_model(self) -> str:
+        return "base" if self.arch == "llama" else f"{self.arch}-base"
+
+    @property
+    def post_model(self) -> str:
+        return self.post if self.arch == "llama" else f"{self.arch}-{self.post}"
+
+
+class CeilingSpec(_Strict):
+    """The alignment ceiling: B' post-trained on chat data in every language (toy only). Defaults:
+    twice the steps of the toy's instruct recipe (four languages share them), its lr and batch."""
+
+    steps: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
 
 
 class ModelsSpec(_Strict):
@@ -145,6 +172,7 @@ class Recipe(_Strict):
     graft: GraftSpec = GraftSpec()
     baselines: list[Baseline] = Field(default_factory=lambda: list(ALL_BASELINES))
     merge: MergeSpec = MergeSpec()
+    ceiling: CeilingSpec = CeilingSpec()
     eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
@@ -163,7 +191,14 @@ class Recipe(_Strict):
             raise ValueError(f"upcycle.allocation uses experts {bad}; valid ids are 0..{self.upcycle.experts - 1}")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError("baselines lists a system twice")
+        if "baselines" in self.model_fields_set and "ceiling" in self.baselines and self.toy is None:
+            raise ValueError("baselines: 'ceiling' needs the toy world (chat data in every language)")
         return self
+
+    @property
+    def wanted(self) -> set[str]:
+        """The baselines that run: the ceiling only where the toy world provides its chat data."""
+        return {b for b in self.baselines if b != "ceiling" or self.toy is not None}
 
     @property
     def allocation(self) -> dict[str, list[int]]:

@@ -28,7 +28,12 @@ LABELS = {
     "budget_matched": "B'' + Δ (FLOP-matched CPT)",
     "moe_lpr": "MoE-LPR (no Δ)",
     "deltamoe": "DeltaMoE",
+    "ceiling": "ceiling: B' + chat SFT in every language (upper bound)",
 }
+# Systems that are not baselines: they use data the method does without (chat data in the new
+# languages), so they bound what alignment could reach; tables and plots mark them.
+UPPER_BOUNDS = ("ceiling",)
+METRICS = ("mc", "qa")
 
 
 def collect(systems: dict[str, tuple[Path, Path]], languages: dict[str, list[str]], extra: dict[str, Any]) -> dict[str, Any]:
@@ -69,22 +74,48 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def _pooled(toy: dict[str, Any], langs: list[str], metric: str) -> tuple[float, float, float]:
+    """Accuracy over the items of ``langs`` pooled (the mean over languages when they have as many
+    items each) and its 95 % Wilson interval."""
+    from deltamoe.evaluate.mc import wilson_interval
+
+    n = sum(int(toy.get(lang, {}).get(f"{metric}_n", 0)) for lang in langs)
+    if not n:
+        return (math.nan, math.nan, math.nan)
+    correct = round(sum(toy[lang][metric] * toy[lang][f"{metric}_n"] for lang in langs
+                        if toy.get(lang, {}).get(f"{metric}_n")))
+    lo, hi = wilson_interval(correct, n)
+    return (correct / n, lo, hi)
+
+
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per system: QA accuracy per language, mean over original and new languages, ppl."""
+    """One row per system: per language QA and multiple-choice accuracy with 95 % intervals and
+    perplexity; the same accuracies over the original and over the new languages' items."""
     orig, new = results["languages"]["original"], results["languages"]["new"]
     rows = []
     for name, entry in results["systems"].items():
         toy = entry.get("toy")
         if not toy:
             continue
-        row: dict[str, Any] = {"system": name, "label": LABELS.get(name, name)}
+        row: dict[str, Any] = {"system": name, "label": LABELS.get(name, name), "upper_bound": name in UPPER_BOUNDS}
         for lang in [*orig, *new]:
-            row[f"qa_{lang}"] = toy.get(lang, {}).get("qa", math.nan)
-            row[f"ppl_{lang}"] = toy.get(lang, {}).get("ppl", math.nan)
-        row["qa_original"] = _mean([row[f"qa_{lang}"] for lang in orig])
-        row["qa_new"] = _mean([row[f"qa_{lang}"] for lang in new])
+            res = toy.get(lang, {})
+            for m in METRICS:
+                row[f"{m}_{lang}"] = res.get(m, math.nan)
+                row[f"{m}_{lang}_ci"] = tuple(res.get(f"{m}_ci", (math.nan, math.nan)))
+            row[f"ppl_{lang}"] = res.get("ppl", math.nan)
+        for group, langs in (("original", orig), ("new", new)):
+            for m in METRICS:
+                acc, lo, hi = _pooled(toy, langs, m)
+                row[f"{m}_{group}"], row[f"{m}_{group}_ci"] = acc, (lo, hi)
+            row[f"ppl_{group}"] = _mean([row[f"ppl_{lang}"] for lang in langs])
         rows.append(row)
     return rows
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    v, (lo, hi) = row[key], row[f"{key}_ci"]
+    return "–" if math.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def answer_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,16 +139,33 @@ def answer_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The result table (markdown), as printed by the demo and written to report.md."""
-    orig, new = results["languages"]["original"], results["languages"]["new"]
-    langs = [*orig, *new]
-    head = ["system", *(f"QA {lang}" for lang in langs), "QA orig", "QA new", *(f"ppl {lang}" for lang in langs)]
+    """The result table (markdown), as printed by the demo and written to report.md: multiple
+    choice and chat QA over the original and the new languages, with 95 % Wilson intervals over
+    items, and mean perplexity."""
+    head = ["system", "MC orig", "MC new", "QA orig", "QA new", "ppl orig", "ppl new"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary_rows(results):
-        cells = [r["label"], *(f"{r[f'qa_{lang}']:.3f}" for lang in langs), f"{r['qa_original']:.3f}",
-                 f"{r['qa_new']:.3f}", *(f"{r[f'ppl_{lang}']:.2f}" for lang in langs)]
+        cells = [r["label"], *(_cell(r, f"{m}_{g}") for m in METRICS for g in ("original", "new")),
+                 f"{r['ppl_original']:.2f}", f"{r['ppl_new']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_language_table(results: dict[str, Any]) -> str:
+    """Per language: multiple choice, chat QA (with 95 % intervals) and perplexity of every system."""
+    langs = [*results["languages"]["original"], *results["languages"]["new"]]
+    head = ["system", *(f"{m.upper()} {lang}" for lang in langs for m in METRICS), *(f"ppl {lang}" for lang in langs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary_rows(results):
+        cells = [r["label"], *(_cell(r, f"{m}_{lang}") for lang in langs for m in METRICS),
+                 *(f"{r[f'ppl_{lang}']:.2f}" for lang in langs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _err(row: dict[str, Any], key: str) -> list[float]:
+    v, (lo, hi) = row[key], row[f"{key}_ci"]
+    return [max(0.0, v - lo), max(0.0, hi - v)]
 
 
 def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> dict[str, str]:
@@ -131,42 +179,25 @@ def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> 
     langs = [*results["languages"]["original"], *results["languages"]["new"]]
     made: dict[str, str] = {}
     if rows:
-        fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(rows)), 8), sharex=True)
         width = 0.8 / len(langs)
-        for j, lang in enumerate(langs):
-            ax.bar([i + j * width for i in range(len(rows))], [r[f"qa_{lang}"] for r in rows], width, label=lang)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["label"] for r in rows], rotation=30, ha="right")
-        ax.set_ylabel("chat QA accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(title="language")
-        ax.set_title("Accuracy per language per system")
+        for ax, m, title in zip(axes, METRICS, ("multiple choice (log-likelihood)", "chat QA (exact match)"), strict=True):
+            for j, lang in enumerate(langs):
+                errs = list(zip(*(_err(r, f"{m}_{lang}") for r in rows), strict=True))
+                ax.bar([i + j * width for i in range(len(rows))], [r[f"{m}_{lang}"] for r in rows], width, label=lang,
+                       yerr=errs, capsize=2, error_kw={"linewidth": 0.7})
+            ax.set_ylabel(f"{title} accuracy")
+            ax.set_ylim(0, 1)
+            ax.legend(title="language", fontsize=7)
+        axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["label"] for r in rows],
+                            rotation=30, ha="right")
+        axes[0].set_title("Accuracy per language per system (bars: 95 % Wilson intervals over items)")
         fig.tight_layout()
         fig.savefig(plots / "accuracy.png", dpi=120)
         plt.close(fig)
         made["accuracy"] = "plots/accuracy.png"
-
-        # Systems often coincide (B, B' and MoE-LPR all at 0; task arithmetic with weights (1, 1) is
-        # ParamΔ), so points are told apart by marker and colour in a legend, not by text labels.
-        fig, ax = plt.subplots(figsize=(8.5, 5))
-        markers = "osD^v<>pXhP8"  # "*" is kept for DeltaMoE
-        cmap = plt.get_cmap("tab20")
-        for i, r in enumerate(rows):
-            big = r["system"] == "deltamoe"
-            ax.scatter(r["qa_original"], r["qa_new"], s=140 if big else 45, marker="*" if big else markers[i % len(markers)],
-                       color=cmap(i % 20), edgecolors="black", linewidths=0.5, alpha=0.85, zorder=3 if big else 2,
-                       label=f"{r['label']} ({r['qa_original']:.2f}, {r['qa_new']:.2f})")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="system (orig, new)",
-                  title_fontsize=8, frameon=False)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("original-language QA accuracy")
-        ax.set_ylabel("mean new-language QA accuracy")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("Trade-off: original vs expanded languages")
-        fig.tight_layout()
-        fig.savefig(plots / "tradeoff.png", dpi=120)
-        plt.close(fig)
-        made["tradeoff"] = "plots/tradeoff.png"
+        for m, what in (("qa", "chat QA"), ("mc", "multiple-choice")):
+            made[f"tradeoff_{m}"] = _tradeoff(plt, rows, m, what, plots / f"tradeoff_{m}.png")
 
     for name in ("deltamoe", "moe_lpr"):
         png = results["systems"].get(name, {}).get("routing_png")
@@ -191,6 +222,37 @@ def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> 
     return made
 
 
+def _tradeoff(plt: Any, rows: list[dict[str, Any]], m: str, what: str, path: Path) -> str:
+    """Original- vs new-language accuracy, one point per system with its 95 % intervals. Systems
+    often coincide, so they are told apart by marker and colour in a legend, not by text labels;
+    DeltaMoE is the star, upper bounds are hollow squares."""
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    markers = "osD^v<>pXhP8"  # "*" is kept for DeltaMoE
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(rows):
+        x, y = r[f"{m}_original"], r[f"{m}_new"]
+        big = r["system"] == "deltamoe"
+        marker = "*" if big else "s" if r["upper_bound"] else markers[i % len(markers)]
+        color = cmap(i % 20)
+        ax.errorbar(x, y, xerr=[[e] for e in _err(r, f"{m}_original")], yerr=[[e] for e in _err(r, f"{m}_new")],
+                    fmt="none", ecolor=color, elinewidth=0.8, capsize=2, zorder=1)
+        ax.scatter(x, y, s=140 if big else 45, marker=marker, color="none" if r["upper_bound"] else color,
+                   edgecolors=color if r["upper_bound"] else "black", linewidths=1.2 if r["upper_bound"] else 0.5,
+                   alpha=0.9, zorder=3 if big else 2, label=f"{r['label']} ({x:.2f}, {y:.2f})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="system (orig, new)",
+              title_fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(f"original-language {what} accuracy")
+    ax.set_ylabel(f"new-language {what} accuracy")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Trade-off ({what}): original vs expanded languages, 95 % intervals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
 def _read_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for line in path.read_text().splitlines():
@@ -213,11 +275,19 @@ def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Pa
         f"Generated {results['generated']} by deltamoe {results['deltamoe_version']} on {results['machine']}. "
         "Every number below is read from `results.json`, which names each evaluated checkpoint by path and sha256.",
         "",
-        "## Chat QA accuracy (greedy, normalised exact match) and perplexity per language",
+        "## Results",
         "",
         format_table(results),
         "",
-        "QA orig / QA new: mean over the original / new languages.",
+        "MC: multiple choice (reading comprehension and world facts, 4 options, the option with the highest "
+        "log-likelihood wins, no chat template). QA: chat QA (greedy through the chat template, normalised exact "
+        "match). orig / new: over the items of the original / new languages. Brackets: 95 % Wilson intervals over "
+        "items. ppl: mean token perplexity of held-out text. The ceiling is an upper bound, not a baseline: it is "
+        "post-trained on chat data in the new languages, which the method does without.",
+        "",
+        "## Per language",
+        "",
+        format_language_table(results),
         "",
     ]
     kinds = answer_rows(results)

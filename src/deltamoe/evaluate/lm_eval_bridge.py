@@ -9,9 +9,14 @@ Written per language L::
 
     deltamoe_toy_qa_rc_L      generate_until   reading comprehension (context + question)
     deltamoe_toy_qa_facts_L   generate_until   world facts (question only)
+    deltamoe_toy_mc_rc_L      multiple_choice  reading comprehension, 4 options (no chat template)
+    deltamoe_toy_mc_facts_L   multiple_choice  world facts, 4 options (no chat template)
     deltamoe_toy_ppl_L        loglikelihood_rolling on the held-out text (word/byte perplexity)
 
-and groups ``deltamoe_toy_qa_L``, ``deltamoe_toy_qa`` (every QA task) and ``deltamoe_toy_ppl``.
+and groups ``deltamoe_toy_qa_L``, ``deltamoe_toy_qa`` (every QA task), ``deltamoe_toy_mc_L``,
+``deltamoe_toy_mc`` (every multiple-choice task) and ``deltamoe_toy_ppl``. The multiple-choice
+tasks' ``acc`` equals deltamoe's ``mc_rc``/``mc_facts`` (:mod:`deltamoe.evaluate.mc` scores the
+way lm-eval does); run them without ``--apply_chat_template``, as deltamoe does.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 from deltamoe.errors import UsageError
 from deltamoe.evaluate.qa import MAX_NEW_TOKENS, STRIP_REGEXES
-from deltamoe.evaluate.suite import QA_TASKS
+from deltamoe.evaluate.mc import DELIMITER
+from deltamoe.evaluate.suite import MC_TASKS, QA_TASKS
 
 PREFIX = "deltamoe_toy"
 
@@ -72,6 +78,23 @@ def qa_task(name: str, data_file: Path) -> dict[str, Any]:
     }
 
 
+def mc_task(name: str, data_file: Path) -> dict[str, Any]:
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "options",
+        "doc_to_target": "gold",
+        "target_delimiter": DELIMITER,
+        "num_fewshot": 0,
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
 def ppl_task(name: str, data_file: Path) -> dict[str, Any]:
     return {
         "task": name,
@@ -112,10 +135,12 @@ def export_lm_eval(toy_dir: str | Path, out: str | Path, *, force: bool = False)
     groups: list[str] = []
     with atomic_output_dir(out, force=force) as tmp:
         qa_all: list[str] = []
+        mc_all: list[str] = []
         ppl_all: list[str] = []
         for lang in langs:
             per_lang = []
-            for kind in (*QA_TASKS, "ppl"):
+            per_lang_mc = []
+            for kind in (*QA_TASKS, *MC_TASKS, "ppl"):
                 src = toy / "eval" / lang / f"{kind}.jsonl"
                 if not src.is_file():
                     raise UsageError(f"{src}: missing; the toy directory is incomplete, rebuild it with --force")
@@ -125,18 +150,25 @@ def export_lm_eval(toy_dir: str | Path, out: str | Path, *, force: bool = False)
                 # against the working directory, not the YAML's)
                 final = out / "data" / lang / src.name
                 name = f"{PREFIX}_{kind}_{lang}"
-                spec = ppl_task(name, final) if kind == "ppl" else qa_task(name, final)
+                spec = (ppl_task if kind == "ppl" else mc_task if kind in MC_TASKS else qa_task)(name, final)
                 (tmp / f"{name}.yaml").write_text(_yaml(spec) + "\n", encoding="utf-8")
                 tasks.append(name)
                 if kind == "ppl":
                     ppl_all.append(name)
+                elif kind in MC_TASKS:
+                    per_lang_mc.append(name)
+                    mc_all.append(name)
                 else:
                     per_lang.append(name)
                     qa_all.append(name)
             gname = f"{PREFIX}_qa_{lang}"
             (tmp / f"{gname}.yaml").write_text(_yaml(group(gname, per_lang, "exact_match")) + "\n")
             groups.append(gname)
-        for gname, members, metric in ((f"{PREFIX}_qa", qa_all, "exact_match"), (f"{PREFIX}_ppl", ppl_all, None)):
+            gname = f"{PREFIX}_mc_{lang}"
+            (tmp / f"{gname}.yaml").write_text(_yaml(group(gname, per_lang_mc, "acc")) + "\n")
+            groups.append(gname)
+        for gname, members, metric in ((f"{PREFIX}_qa", qa_all, "exact_match"), (f"{PREFIX}_mc", mc_all, "acc"),
+                                       (f"{PREFIX}_ppl", ppl_all, None)):
             (tmp / f"{gname}.yaml").write_text(_yaml(group(gname, members, metric)) + "\n")
             groups.append(gname)
         (tmp / "README.md").write_text(
@@ -146,6 +178,7 @@ def export_lm_eval(toy_dir: str | Path, out: str | Path, *, force: bool = False)
             f"        --tasks {PREFIX}_qa --apply_chat_template\n\n"
             "QA tasks must run with --apply_chat_template to match `deltamoe eval` (same prompt, greedy, "
             f"max {MAX_NEW_TOKENS} new tokens, stop at the tokenizer's eos, normalised exact match). "
+            f"Multiple-choice tasks ({PREFIX}_mc) run without --apply_chat_template, as `deltamoe eval` scores them. "
             "Perplexity tasks report lm-eval's word/byte perplexity, not deltamoe's token perplexity.\n"
         )
     return {"out": str(out), "tasks": tasks, "groups": groups}

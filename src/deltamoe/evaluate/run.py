@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from deltamoe.errors import CheckpointError, UsageError
-from deltamoe.evaluate.suite import QA_TASKS, check_suite, find_toy_data, load_toy_suite
+from deltamoe.evaluate.suite import MC_TASKS, QA_TASKS, check_suite, find_toy_data, load_toy_suite
 
 RESULTS_NAME = "results.json"
 # What the evaluator measures and records; part of the eval stages' cache key in `deltamoe run`, so
-# a cached evaluation from an older evaluator is redone. 2: per-language answer kinds.
-EVAL_VERSION = 2
+# a cached evaluation from an older evaluator is redone. 2: per-language answer kinds. 3: multiple
+# choice, 95 % Wilson intervals.
+EVAL_VERSION = 3
 PREDICTIONS_NAME = "predictions.jsonl"
 ROUTING_JSON = "routing.json"
 ROUTING_PNG = "routing.png"
@@ -49,6 +50,7 @@ def evaluate(
     out: str | Path | None = None,
     languages: list[str] | None = None,
     qa: bool = True,
+    mc: bool = True,
     batch_size: int = 16,
     max_items: int | None = None,
     progress: bool = True,
@@ -59,7 +61,10 @@ def evaluate(
 
     Per language: ``qa_rc`` and ``qa_facts`` (chat QA accuracy, greedy, normalised exact
     match), ``qa`` (accuracy over both), ``answers`` (what kind of answers they are; see
-    :func:`deltamoe.evaluate.qa.answer_kinds`), ``ppl`` (token perplexity of held-out text).
+    :func:`deltamoe.evaluate.qa.answer_kinds`), ``mc_rc`` and ``mc_facts`` (multiple-choice
+    accuracy by option log-likelihood, no chat template; see :mod:`deltamoe.evaluate.mc`),
+    ``mc`` (over both), ``ppl`` (token perplexity of held-out text). Every accuracy ``X`` comes
+    with ``X_n`` (items) and ``X_ci`` (95 % Wilson interval over items).
     """
     check_suite(suite)
     if batch_size < 1:
@@ -79,6 +84,7 @@ def evaluate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltamoe.evaluate.mc import score_mc
     from deltamoe.evaluate.perplexity import perplexity
     from deltamoe.evaluate.qa import MAX_NEW_TOKENS, answer_kinds, require_chat_template, score_items
     from deltamoe.evaluate.routing import RoutingCounter, draw_heatmap, moe_shape
@@ -101,7 +107,7 @@ def evaluate(
         "data": str(data_path.absolute()),
         "toy": {k: toy.manifest.get(k) for k in ("key", "size", "seed")},
         "settings": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": batch_size, "max_items": max_items,
-                     "qa": qa},
+                     "qa": qa, "mc": mc},
         "languages": {},
     }
     predictions: list[dict[str, Any]] = []
@@ -109,23 +115,28 @@ def evaluate(
     for lang in toy.languages:
         row: dict[str, Any] = {}
         if qa:
-            correct = total = 0
             lang_items: list[dict[str, Any]] = []
             lang_records: list[dict[str, Any]] = []
             for task in QA_TASKS:
                 items = toy.qa[lang][task]
-                acc, records = score_items(lm, tokenizer, items, batch_size=batch_size, progress=progress,
-                                           desc=f"{lang} {task}")
-                row[task] = acc
-                row[f"{task}_n"] = len(items)
-                correct += sum(r["correct"] for r in records)
-                total += len(records)
+                _, records = score_items(lm, tokenizer, items, batch_size=batch_size, progress=progress,
+                                         desc=f"{lang} {task}")
+                _accuracy(row, task, records)
                 lang_items += items
                 lang_records += records
                 predictions += [{"lang": lang, "task": task, **r} for r in records]
-            row["qa"] = correct / total if total else math.nan
+            _accuracy(row, "qa", lang_records)
             if lang in toy.relation_words:
                 row["answers"] = answer_kinds(lang_records, lang_items, toy.relation_words[lang], toy.original_words)
+        if mc:
+            mc_records: list[dict[str, Any]] = []
+            for task in MC_TASKS:
+                _, records = score_mc(lm, tokenizer, toy.mc[lang][task], batch_size=batch_size, progress=progress,
+                                      desc=f"{lang} {task}")
+                _accuracy(row, task, records)
+                mc_records += records
+                predictions += [{"lang": lang, "task": task, **r} for r in records]
+            _accuracy(row, "mc", mc_records)
         counter = RoutingCounter(*shape) if shape else None
         ppl = perplexity(lm, tokenizer, toy.ppl[lang], batch_size=batch_size, router=counter,
                          progress=progress, desc=f"{lang} ppl")
@@ -151,6 +162,17 @@ def evaluate(
     return results
 
 
+def _accuracy(row: dict[str, Any], name: str, records: list[dict[str, Any]]) -> None:
+    """``row[name]`` (accuracy), ``row[name_n]`` and ``row[name_ci]`` (95 % Wilson interval)."""
+    from deltamoe.evaluate.mc import wilson_interval
+
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    row[name] = correct / n if n else math.nan
+    row[f"{name}_n"] = n
+    row[f"{name}_ci"] = list(wilson_interval(correct, n))
+
+
 def _moe_block(model_path: Path) -> dict[str, Any]:
     from deltamoe.provenance import read_manifest
 
@@ -161,7 +183,7 @@ def _moe_block(model_path: Path) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """The per-language results as a fixed-width table (and the routing summary for MoE models)."""
     langs = results["languages"]
-    cols = [c for c in ("qa_rc", "qa_facts", "qa", "ppl") if any(c in r for r in langs.values())]
+    cols = [c for c in ("qa_rc", "qa_facts", "qa", "mc_rc", "mc_facts", "mc", "ppl") if any(c in r for r in langs.values())]
     toy = results.get("toy") or {}
     lines = [f"{results['model']}  (suite {results['suite']}: {toy.get('size')}, seed {toy.get('seed')})",
              f"{'lang':6}" + "".join(f"{c:>10}" for c in cols)]

@@ -12,6 +12,7 @@ from deltamoe.errors import DeltaMoEError, UsageError
 
 SUITES = ("toy",)
 QA_TASKS = ("qa_rc", "qa_facts")
+MC_TASKS = ("mc_rc", "mc_facts")
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ToySuite:
     manifest: dict[str, Any]
     languages: list[str]
     qa: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)  # lang -> task -> items
+    mc: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)  # lang -> task -> items
     ppl: dict[str, list[str]] = field(default_factory=dict)  # lang -> texts
     # From world.json (absent in foreign data): lang -> relation -> normalised value words, and the
     # original language's value words; used to classify answers (deltamoe.evaluate.qa.answer_kinds).
@@ -89,6 +91,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_mc(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for n, r in enumerate(rows, 1):
+        options, gold = r.get("options"), r.get("gold")
+        if not (isinstance(r.get("prompt"), str) and isinstance(options, list) and len(options) >= 2
+                and isinstance(gold, int) and 0 <= gold < len(options)):
+            raise UsageError(f"{path}:{n}: not a multiple-choice item (needs 'prompt', 'options' (2 or more) and "
+                             f"'gold' (an index into options)); rebuild the toy world with --force")
+    return rows
+
+
 def load_toy_suite(path: Path, languages: list[str] | None = None, max_items: int | None = None) -> ToySuite:
     manifest = json.loads((path / "toy.json").read_text())
     available = [manifest["original_language"], *manifest["new_languages"]]
@@ -99,6 +111,8 @@ def load_toy_suite(path: Path, languages: list[str] | None = None, max_items: in
     suite = ToySuite(path, manifest, list(languages or available))
     for lang in suite.languages:
         suite.qa[lang] = {t: _read_jsonl(path / "eval" / lang / f"{t}.jsonl")[:max_items] for t in QA_TASKS}
+        suite.mc[lang] = {t: _check_mc(path / "eval" / lang / f"{t}.jsonl", _read_jsonl(path / "eval" / lang / f"{t}.jsonl"))[:max_items]
+                          for t in MC_TASKS}
         suite.ppl[lang] = [r["text"] for r in _read_jsonl(path / "eval" / lang / "ppl.jsonl")[:max_items]]
     world_path = path / "world.json"
     if world_path.is_file():

@@ -1,6 +1,7 @@
-"""The toy multilingual world (DESIGN.md §4): a seeded generator of people, facts and text in an
-original language and three new ones, a tokenizer, and tiny base and instruct models trained
-on it. ``deltamoe.toy.build(out, size="tiny", seed=0)`` builds everything into ``out``.
+"""The toy multilingual world (docs/design.md, "The toy world"): a seeded generator of people,
+facts and text in an original language and three new ones, a tokenizer, and small base and
+post-trained models of two architectures. ``deltamoe.toy.build(out, size="small", seed=0)``
+writes everything into ``out`` (from the shipped set, or trained with ``train=True``).
 
 Imported lazily: nothing heavy happens on ``import deltamoe.toy``.
 """

@@ -1,20 +1,22 @@
 """Sizes of the toy world: how much text, how big a model, how long to train.
 
-``tiny`` is what the tests build (about 3 minutes on 2 CPU cores); ``small`` is the demo's size
-(about 8 minutes). ``micro`` is smaller than tiny and only exists for fast checks (determinism,
-caching); its models do not satisfy the sanity pattern.
+``small`` is the demo's size and the measuring stick: its models are trained once (about 45
+minutes on 2 CPU cores) and ship with the package, so the demo and the tests start from them.
+``micro`` only exists for fast checks (determinism, caching, the pipeline's mechanics); its
+models meet none of the regime targets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Bump when the generator, the tokenizer recipe or the training recipe changes in a way that
-# changes outputs: it is part of the cache key.
-GENERATOR_VERSION = 1
+# changes outputs: it is part of the cache key, and the shipped set is rebuilt when it changes.
+GENERATOR_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -31,6 +33,10 @@ class ModelShape(_Strict):
     intermediate_size: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
     tie_word_embeddings: bool = False
+    # llama: LlamaForCausalLM (upcycled to Mixtral); qwen3: Qwen3ForCausalLM with q/k norms
+    # (upcycled to Qwen3-MoE)
+    family: Literal["llama", "qwen3"] = "llama"
+    head_dim: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _heads(self) -> ModelShape:
@@ -46,6 +52,17 @@ class TrainPhase(_Strict):
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     warmup: int = Field(ge=0)
+    checkpoint_every: int = Field(default=0, ge=0)  # steps between resumable checkpoints (0: none)
+
+
+class PostTraining(_Strict):
+    """One post-training recipe: chat data in the original language (and, for ``ceiling``-like
+    uses, others), the loss on assistant tokens, plus language-model replay."""
+
+    name: str
+    phase: TrainPhase
+    rc_chat_share: float = Field(ge=0, le=1)  # reading comprehension vs world-fact chat examples
+    seed_offset: int = Field(ge=0)  # the chat data and its order are drawn from seed + offset
 
 
 class ToyConfig(_Strict):
@@ -67,19 +84,25 @@ class ToyConfig(_Strict):
     cpt_docs: int = Field(gt=0)  # continued-pretraining documents per new language
     replay_fraction: float = Field(gt=0, lt=0.2)  # replay documents / all CPT documents
     chat_examples: int = Field(gt=0)
-    rc_chat_share: float = Field(ge=0, le=1)  # reading comprehension vs world-fact chat examples
     # Post-training also continues the language-model loss on pre-training text (rows of seq_len
     # per step, weighted): without it a tiny model's chat fine-tuning wrecks its perplexity and
     # memorises the chat facts instead of answering from what it knows -- a poor stand-in for a
     # real instruct model, whose post-training delta is small.
     sft_lm_rows: int = Field(ge=0)
     sft_lm_weight: float = Field(ge=0)
-    eval_rc: int = Field(gt=0)  # reading-comprehension questions per language
+    eval_rc: int = Field(gt=0)  # chat reading-comprehension questions per language
+    mc_items: int = Field(gt=0)  # multiple-choice items per language and task (mc_rc, mc_facts)
     eval_ppl_docs: int = Field(gt=0)  # held-out documents per language
-    # model and training
+    curve_docs: int = Field(gt=0)  # held-out documents per language for the pre-training curve
+    curve_points: int = Field(gt=1)  # held-out loss measured this many times during pre-training
+    # models and training: the base of each architecture is pre-trained on the same corpus;
+    # ``posts`` are the instruct models of the first architecture (the first is "instruct", the
+    # second the other post-training delta), ``arch2_post`` the second architecture's.
     model: ModelShape
+    model2: ModelShape | None = None
     pretrain: TrainPhase
-    sft: TrainPhase
+    posts: tuple[PostTraining, ...]
+    arch2_post: PostTraining | None = None
 
     @model_validator(mode="after")
     def _fits(self) -> ToyConfig:
@@ -89,6 +112,12 @@ class ToyConfig(_Strict):
             raise ValueError("n_fresh_names is too small for rc_people")
         if self.rc_people > self.rc_statements:
             raise ValueError("rc_people must not exceed rc_statements")
+        if self.mc_items > self.n_people * 5:
+            raise ValueError("mc_items must not exceed the number of (person, relation) facts")
+        if not self.posts or self.posts[0].name != "instruct":
+            raise ValueError("posts must start with the post-training recipe named 'instruct'")
+        if (self.model2 is None) != (self.arch2_post is None):
+            raise ValueError("model2 and arch2_post go together")
         return self
 
     def cache_key(self, seed: int) -> str:
@@ -97,35 +126,40 @@ class ToyConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _post(name: str, steps: int, lr: float, rc_share: float, offset: int, batch: int = 32) -> PostTraining:
+    return PostTraining(name=name, phase=TrainPhase(steps=steps, batch_size=batch, lr=lr, warmup=max(1, steps // 15)),
+                        rc_chat_share=rc_share, seed_offset=offset)
+
+
 SIZES: dict[str, ToyConfig] = {
     "micro": ToyConfig(
         name="micro", n_people=8, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=40,
         vocab_size=400, seq_len=64, new_language_share=0.02, parallel_share=0.5, tokenizer_docs_per_language=200,
-        cpt_docs=200, replay_fraction=0.05, chat_examples=200, rc_chat_share=0.5, sft_lm_rows=4, sft_lm_weight=1.0, eval_rc=8,
-        eval_ppl_docs=8,
+        cpt_docs=200, replay_fraction=0.05, chat_examples=200, sft_lm_rows=4, sft_lm_weight=1.0, eval_rc=8,
+        mc_items=8, eval_ppl_docs=8, curve_docs=4, curve_points=2,
         model=ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, max_position_embeddings=256),
-        pretrain=TrainPhase(steps=20, batch_size=8, lr=3e-3, warmup=2),
-        sft=TrainPhase(steps=10, batch_size=8, lr=1e-3, warmup=1),
+        model2=ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, max_position_embeddings=256, family="qwen3", head_dim=8,
+                          tie_word_embeddings=True),
+        pretrain=TrainPhase(steps=20, batch_size=8, lr=3e-3, warmup=2, checkpoint_every=10),
+        posts=(_post("instruct", 10, 1e-3, 0.5, 0, batch=8), _post("instruct2", 10, 1e-3, 0.2, 1, batch=8)),
+        arch2_post=_post("qwen3-instruct", 10, 1e-3, 0.5, 0, batch=8),
     ),
-    "tiny": ToyConfig(
-        name="tiny", n_people=24, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=120,
-        vocab_size=1536, seq_len=128, new_language_share=0.01, parallel_share=0.5, tokenizer_docs_per_language=3000,
-        cpt_docs=8000, replay_fraction=0.01, chat_examples=6000, rc_chat_share=0.5, sft_lm_rows=8, sft_lm_weight=1.0, eval_rc=50,
-        eval_ppl_docs=40,
-        model=ModelShape(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=384, max_position_embeddings=256),
-        pretrain=TrainPhase(steps=500, batch_size=32, lr=3e-3, warmup=30),
-        sft=TrainPhase(steps=300, batch_size=32, lr=1e-3, warmup=20),
-    ),
+    # The measuring stick (README, "The toy world"): ~0.4 M non-embedding parameters pre-trained on
+    # 21 tokens each; 480 facts about 96 people; new languages a small share of pre-training.
     "small": ToyConfig(
-        name="small", n_people=32, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=150,
-        vocab_size=2048, seq_len=128, new_language_share=0.01, parallel_share=0.5, tokenizer_docs_per_language=4000,
-        cpt_docs=20000, replay_fraction=0.01, chat_examples=10000, rc_chat_share=0.5, sft_lm_rows=8, sft_lm_weight=1.0,
-        eval_rc=100, eval_ppl_docs=60,
-        model=ModelShape(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
-                         intermediate_size=512, max_position_embeddings=256),
-        pretrain=TrainPhase(steps=700, batch_size=32, lr=2e-3, warmup=40),
-        sft=TrainPhase(steps=400, batch_size=32, lr=7e-4, warmup=20),
+        name="small", n_people=96, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=400,
+        vocab_size=1536, seq_len=128, new_language_share=SHARE, parallel_share=0.5, tokenizer_docs_per_language=3000,
+        cpt_docs=CPT_DOCS, replay_fraction=0.02, chat_examples=10000, sft_lm_rows=8, sft_lm_weight=1.0, eval_rc=240,
+        mc_items=480, eval_ppl_docs=100, curve_docs=100, curve_points=10,
+        model=ModelShape(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=256, max_position_embeddings=256),
+        model2=ModelShape(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=256, max_position_embeddings=256, family="qwen3", head_dim=24,
+                          tie_word_embeddings=True),
+        pretrain=TrainPhase(steps=2100, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
+        posts=(_post("instruct", SFT_STEPS, SFT_LR, 0.5, 0), _post("instruct2", SFT2_STEPS, SFT2_LR, 0.2, 1)),
+        arch2_post=_post("qwen3-instruct", SFT_STEPS, SFT_LR, 0.5, 0),
     ),
 }

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,10 +46,9 @@ def default_threads() -> int:
 
 
 def make_model(shape: ModelShape, tokenizer: Any, seed: int) -> Any:
-    """A freshly initialised ``LlamaForCausalLM`` (float32) for ``tokenizer``'s vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
+    """A freshly initialised causal LM (float32) of ``shape.family`` for ``tokenizer``'s vocabulary:
+    ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` (per-head q/k RMS norms, explicit head_dim)."""
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -56,7 +56,6 @@ def make_model(shape: ModelShape, tokenizer: Any, seed: int) -> Any:
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads,
         max_position_embeddings=shape.max_position_embeddings,
-        rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=shape.tie_word_embeddings,
         bos_token_id=None,
@@ -64,8 +63,19 @@ def make_model(shape: ModelShape, tokenizer: Any, seed: int) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+    if shape.family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(**common, head_dim=shape.head_dim or shape.hidden_size // shape.num_attention_heads,
+                          rms_norm_eps=1e-6, use_sliding_window=False, attention_bias=False)
+        cls = Qwen3ForCausalLM
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**common, rms_norm_eps=1e-5, **({"head_dim": shape.head_dim} if shape.head_dim else {}))
+        cls = LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return cls(cfg)
 
 
 def _lr_at(step: int, phase: TrainPhase) -> float:
@@ -87,10 +97,19 @@ def train_loop(
     desc: str,
     progress: bool = True,
     params: Sequence[torch.nn.Parameter] | None = None,
-) -> list[float]:
+    checkpoint: Path | None = None,
+    on_step: Callable[[int], dict[str, Any] | None] | None = None,
+) -> tuple[list[float], list[dict[str, Any]]]:
     """Run ``phase.steps`` AdamW steps. ``batch_at(step)`` gives the model's keyword inputs (with
     ``labels``), or a list of (weight, inputs) whose weighted losses are summed (e.g. chat data
-    plus plain text). Returns the loss per step."""
+    plus plain text). ``on_step(step)`` runs after each step and may return a record (e.g. a
+    held-out loss) to keep. Returns the loss per step and the records.
+
+    With ``checkpoint`` (a directory) the weights, the optimiser state, the losses and the
+    records are saved there every ``phase.checkpoint_every`` steps, and a loop that finds a
+    checkpoint continues from it: data order and learning rate are functions of the step, so a
+    resumed run ends with the same bytes as an uninterrupted one.
+    """
     model.train()
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -99,8 +118,13 @@ def train_loop(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=phase.lr, betas=(0.9, 0.95), eps=1e-8,
     )
-    losses = []
-    bar = tqdm(range(phase.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    records: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint is not None and (checkpoint / _CKPT_STATE).is_file():
+        start, losses, records = _load_checkpoint(checkpoint, model, opt)
+    bar = tqdm(range(start, phase.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True,
+               initial=start, total=phase.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, phase)
@@ -113,10 +137,82 @@ def train_loop(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None and (rec := on_step(step)) is not None:
+            model.train()
+            records.append(rec)
         if step % 10 == 0 or step == phase.steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        every = phase.checkpoint_every
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < phase.steps:
+            _save_checkpoint(checkpoint, model, opt, step + 1, losses, records)
     model.eval()
-    return losses
+    return losses, records
+
+
+_CKPT_STATE = "state.json"
+
+
+def _save_checkpoint(directory: Path, model: Any, opt: torch.optim.Optimizer, step: int, losses: list[float],
+                     records: list[dict[str, Any]]) -> None:
+    """Weights and AdamW moments as safetensors (never pickles), step and history as JSON. The
+    state file is written last and atomically: a checkpoint without it is ignored."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if not _is_tied_alias(model, k)}, str(directory / "model.safetensors"))
+    moments: dict[str, torch.Tensor] = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            st = opt.state.get(p)
+            if st:
+                for name in ("exp_avg", "exp_avg_sq", "step"):
+                    moments[f"{gi}.{pi}.{name}"] = st[name].detach().reshape(st[name].shape).contiguous()
+    save_file(moments, str(directory / "optimizer.safetensors"))
+    tmp = directory / (_CKPT_STATE + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "losses": losses, "records": records}))
+    os.replace(tmp, directory / _CKPT_STATE)
+
+
+def _is_tied_alias(model: Any, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _load_checkpoint(directory: Path, model: Any, opt: torch.optim.Optimizer
+                     ) -> tuple[int, list[float], list[dict[str, Any]]]:
+    import json
+
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / _CKPT_STATE).read_text())
+    weights = load_file(str(directory / "model.safetensors"))
+    model.load_state_dict(weights, strict=False)
+    moments = load_file(str(directory / "optimizer.safetensors"))
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            if f"{gi}.{pi}.step" in moments:
+                opt.state[p] = {name: moments[f"{gi}.{pi}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq")}
+    return int(state["step"]), list(state["losses"]), list(state["records"])
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, docs: Sequence[Sequence[int]], max_len: int = 256) -> float:
+    """Mean next-token loss (nats) over the tokens of ``docs``, each scored on its own."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    count = 0
+    for ids in docs:
+        x = torch.tensor(list(ids)[:max_len])[None]
+        if x.shape[1] < 2:
+            continue
+        out = model(input_ids=x, labels=x)
+        total += float(out.loss) * (x.shape[1] - 1)
+        count += x.shape[1] - 1
+    model.train(was_training)
+    return round(total / count, 5) if count else float("nan")
 
 
 def packed_batches(stream: torch.Tensor, seq_len: int, batch_size: int, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:

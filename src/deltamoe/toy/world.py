@@ -173,6 +173,35 @@ class TextMaker:
                 "relation": relation}
 
 
+    # -- multiple choice (scored by option log-likelihood, as lm-eval's multiple_choice) ---
+    def _mc(self, prompt: str, answer: str, distractors: list[str], **extra: str) -> dict[str, Any]:
+        concepts = [answer, *distractors]
+        order = list(range(len(concepts)))
+        self.rng.shuffle(order)
+        return {"prompt": prompt, "options": [self.lang.value(concepts[i]) for i in order],
+                "gold": order.index(0), **extra}
+
+    def mc_rc_item(self, names: list[str], n_options: int = 4) -> dict[str, Any]:
+        """Reading comprehension with options: a context of ``rc_statements`` facts (each of
+        another relation) about people outside the world, a question about one of them, and as
+        options the context's values (so copying any value from the context is not enough) plus
+        other values of the asked relation (so knowing the relation's word class is not enough
+        either). The prompt ends where the pre-training text's answers begin (``Q: .. A:``)."""
+        sents, facts = self.rc_context(names)
+        p, r, v = self.rng.choice(facts)
+        others = [c for _, rel, c in facts if rel != r][: n_options - 2]
+        same = self.rng.sample([c for c in RELATIONS[r] if c != v], n_options - 1 - len(others))
+        prompt = f"{' '.join(sents)} Q: {self._question(p, r)} A:"
+        return self._mc(prompt, v, [*others, *same], task="mc_rc", relation=r)
+
+    def mc_fact_item(self, person: str, relation: str, n_options: int = 4) -> dict[str, Any]:
+        """A world fact with options: the person's value and other values of the same relation."""
+        v = self.world.facts[(person, relation)]
+        wrong = self.rng.sample([c for c in RELATIONS[relation] if c != v], n_options - 1)
+        return self._mc(f"Q: {self._question(person, relation)} A:", v, wrong, task="mc_facts",
+                        person=person, relation=relation)
+
+
 def chat_messages(item: dict[str, str]) -> list[dict[str, str]]:
     return [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item["answer"]}]
 

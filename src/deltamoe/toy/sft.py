@@ -1,0 +1,70 @@
+"""Chat post-training of a toy model on a chat file: the alignment ceiling's stage.
+
+The ceiling is the path the method avoids: B' (dense CPT on the new languages) post-trained on
+chat data in every language, which real projects do not have. On the toy it shows how far
+alignment in the new languages can go, so the study can tell "the toy cannot separate systems"
+from "the method does not transfer".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deltamoe.errors import UsageError
+
+
+def read_chat(path: Path) -> list[list[dict[str, str]]]:
+    """The conversations (``messages``) of a chat jsonl file."""
+    if not path.is_file():
+        raise UsageError(f"{path}: missing; the toy directory is incomplete, rebuild it with --force")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{path}:{n}: not a chat example (a JSON object with 'messages')") from None
+            out.append(msgs)
+    if not out:
+        raise UsageError(f"{path}: no chat examples")
+    return out
+
+
+def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: float, batch_size: int, seed: int,
+                    progress: bool = True) -> Path:
+    """Post-train ``model`` on every conversation of ``chat_file`` (loss on assistant tokens;
+    linear warm-up, cosine decay) and write a stock checkpoint with provenance to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltamoe.checkpoint import atomic_output_dir, check_output, open_checkpoint
+    from deltamoe.evaluate.run import hf_progress
+    from deltamoe.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
+    from deltamoe.toy.builder import TRAIN_THREADS
+    from deltamoe.toy.config import TrainPhase
+    from deltamoe.toy.train import chat_batches, deterministic, encode_chat, train_loop
+
+    check_output(out, force=False)
+    conversations = read_chat(chat_file)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = [encode_chat(tokenizer, m) for m in conversations]
+    phase = TrainPhase(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 15))
+    with deterministic(TRAIN_THREADS), hf_progress(False):
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        train_loop(lm, chat_batches(examples, batch_size, tokenizer.pad_token_id, seed), phase, desc="chat sft",
+                   progress=progress)
+    with atomic_output_dir(out) as tmp, hf_progress(False):
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        desc = describe_checkpoint(open_checkpoint(model))
+        manifest = new_manifest(read_manifest(model), stage="chat-sft",
+                                params={"chat": str(chat_file), "examples": len(examples), **phase.model_dump(),
+                                        "seed": seed},
+                                inputs={"model": desc}, command=None)
+        write_manifest(tmp, manifest)
+        write_model_card(tmp, manifest)
+    return out
