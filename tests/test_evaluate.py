@@ -79,7 +79,14 @@ def test_evaluate_writes_results_predictions_and_table(toy_micro: Path, tmp_path
     assert saved["languages"] == json.loads(json.dumps(res["languages"]))
     assert saved["data"] == str(toy_micro)  # found from the model's location
     preds = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").open()]
-    assert len(preds) == 4 * 2 * 3 and {"prediction", "answer", "correct"} <= set(preds[0])
+    qa_preds = [p for p in preds if p["task"].startswith("qa_")]
+    mc_preds = [p for p in preds if p["task"].startswith("mc_")]
+    assert len(qa_preds) == 4 * 2 * 3 and {"prediction", "answer", "correct"} <= set(qa_preds[0])
+    assert len(mc_preds) == 4 * 2 * 3 and {"choice", "gold", "loglik", "correct"} <= set(mc_preds[0])
+    for row in res["languages"].values():  # every accuracy carries its item count and 95 % interval
+        for m in ("qa", "qa_rc", "mc", "mc_rc", "mc_facts"):
+            lo, hi = row[f"{m}_ci"]
+            assert 0 <= lo <= row[m] <= hi <= 1 and row[f"{m}_n"] == (6 if m in ("qa", "mc") else 3)
     table = format_table(res)
     assert all(f"\n{lang} " in table for lang in LANGS) and "qa_rc" in table
     assert "routing" not in res
@@ -190,7 +197,9 @@ def test_export_writes_tasks_groups_and_data(toy_micro: Path, tmp_path: Path) ->
     from deltamoe.evaluate import export_lm_eval
 
     info = export_lm_eval(toy_micro, tmp_path / "lme")
-    assert len(info["tasks"]) == 4 * 3 and "deltamoe_toy_qa" in info["groups"]
+    assert len(info["tasks"]) == 4 * 5 and {"deltamoe_toy_qa", "deltamoe_toy_mc"} <= set(info["groups"])
+    mc = yaml.safe_load((tmp_path / "lme" / "deltamoe_toy_mc_rc_kyr.yaml").read_text())
+    assert mc["output_type"] == "multiple_choice" and mc["doc_to_choice"] == "options" and mc["doc_to_target"] == "gold"
     spec = yaml.safe_load((tmp_path / "lme" / "deltamoe_toy_qa_rc_vel.yaml").read_text())
     data = Path(spec["dataset_kwargs"]["data_files"]["test"])
     assert data.is_file() and data.read_bytes() == (toy_micro / "eval" / "vel" / "qa_rc.jsonl").read_bytes()
@@ -204,7 +213,7 @@ def test_export_writes_tasks_groups_and_data(toy_micro: Path, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_lm_eval_agrees_with_deltamoe_on_an_exported_task(toy_tiny: Path, toy_tiny_results: dict,
+def test_lm_eval_agrees_with_deltamoe_on_an_exported_task(toy_small: Path, toy_small_regime: dict,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -214,18 +223,95 @@ def test_lm_eval_agrees_with_deltamoe_on_an_exported_task(toy_tiny: Path, toy_ti
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     task = "deltamoe_toy_qa_facts_en"
-    export_lm_eval(toy_tiny, tmp_path / "lme")
+    export_lm_eval(toy_small, tmp_path / "lme")
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(toy_tiny / "instruct"), "dtype": "float32"}, tasks=[task],
+        model="hf", model_args={"pretrained": str(toy_small / "instruct"), "dtype": "float32"}, tasks=[task],
         task_manager=TaskManager(include_path=str(tmp_path / "lme")), apply_chat_template=True, batch_size=1,
         device="cpu", log_samples=True,
     )
     theirs = float(out["results"][task]["exact_match,none"])
-    ours = toy_tiny_results["instruct"]["languages"]["en"]["qa_facts"]
+    ours = toy_small_regime["scores"]["instruct"]["en"]["qa_facts"]
     assert theirs == pytest.approx(ours, abs=1e-12)
     assert ours >= 0.5  # the comparison is about a model that answers, not an all-wrong one
     # item by item: same predictions after stripping
     preds = {p["id"]: p["prediction"].strip()
-             for p in map(json.loads, (Path(toy_tiny_results["instruct"]["out"]) / "predictions.jsonl").open())}
+             for p in map(json.loads, (toy_small / "eval-results" / "instruct" / "predictions.jsonl").open())
+             if p["task"] == "qa_facts" and p["lang"] == "en"}
     for s in out["samples"][task]:
         assert s["filtered_resps"][0].strip() == preds[s["doc"]["id"]]
+
+
+@pytest.mark.slow
+def test_lm_eval_multiple_choice_agrees_item_by_item(toy_small: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's multiple_choice on the exported tasks picks the same option as deltamoe for every
+    item, from the same log-likelihoods, for the base model (no chat template)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from deltamoe.evaluate import evaluate, export_lm_eval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    limit = 100
+    ours = evaluate(toy_small / "base", "toy", out=tmp_path / "ours", languages=["en", "vel"], qa=False,
+                    max_items=limit, progress=False)
+    export_lm_eval(toy_small, tmp_path / "lme")
+    tasks = ["deltamoe_toy_mc_rc_vel", "deltamoe_toy_mc_facts_en"]
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(toy_small / "base"), "dtype": "float32"}, tasks=tasks,
+        task_manager=TaskManager(include_path=str(tmp_path / "lme")), batch_size=16, device="cpu", log_samples=True,
+        limit=limit,
+    )
+    records = {p["id"]: p for p in map(json.loads, (tmp_path / "ours" / "predictions.jsonl").open()) if "loglik" in p}
+    for task in tasks:
+        lang, kind = task.rsplit("_", 1)[1], "mc_" + task.split("_mc_")[1].rsplit("_", 1)[0]
+        theirs = float(out["results"][task]["acc,none"])
+        assert theirs == pytest.approx(ours["languages"][lang][kind], abs=1e-12), task
+        assert len(out["samples"][task]) == limit
+        for s in out["samples"][task]:
+            mine = records[s["doc"]["id"]]
+            lls = [r[0] for r in s["filtered_resps"]]
+            assert lls == pytest.approx(mine["loglik"], abs=1e-3)
+            assert max(range(len(lls)), key=lls.__getitem__) == mine["choice"]
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    from deltamoe.evaluate.mc import wilson_interval
+
+    lo, hi = wilson_interval(20, 400)  # p = 0.05
+    assert lo == pytest.approx(0.03265, abs=1e-4) and hi == pytest.approx(0.07592, abs=1e-4)
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and hi == pytest.approx(0.07135, abs=1e-4)
+    assert wilson_interval(400, 400)[1] == 1.0
+    # 400 items: the half-width at p = 0.5 is under 0.05, the issue's bound
+    lo, hi = wilson_interval(200, 400)
+    assert (hi - lo) / 2 < 0.05
+
+
+def test_multiple_choice_scoring_by_loglikelihood(toy_micro: Path) -> None:
+    """The option with the highest summed log-probability wins; the prompt/continuation split is
+    lm-eval's (trailing spaces move to the continuation); ties go to the first option."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltamoe.evaluate.mc import encode_pair, option_loglikelihoods, score_mc
+
+    tok = AutoTokenizer.from_pretrained(toy_micro / "base")
+    model = AutoModelForCausalLM.from_pretrained(toy_micro / "base", dtype=torch.float32)
+    ctx, cont = encode_pair(tok, "Q: What pet does Ana have? A: ", "cat")
+    ctx2, cont2 = encode_pair(tok, "Q: What pet does Ana have? A:", " cat")
+    assert (ctx, cont) == (ctx2, cont2)
+    items = [{"prompt": "Q: What pet does Ana have? A:", "options": ["cat", "dog", "cat"], "gold": 2}]
+    (lls,) = option_loglikelihoods(model, tok, items, batch_size=2)
+    # reference: one forward pass over each full sequence
+    for opt, ll in zip(items[0]["options"], lls, strict=True):
+        c, t = encode_pair(tok, items[0]["prompt"], " " + opt)
+        ids = torch.tensor([c + t])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        ref = sum(float(logp[len(c) - 1 + j, t[j]]) for j in range(len(t)))
+        assert ll == pytest.approx(ref, abs=1e-4)
+    assert lls[0] == lls[2]
+    acc, records = score_mc(model, tok, items)
+    best = max(lls[:2])
+    assert records[0]["choice"] == lls.index(best) and acc == float(records[0]["choice"] == 2)

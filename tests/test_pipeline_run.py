@@ -26,7 +26,7 @@ from deltamoe.report import LABELS
 
 def _micro_recipe(tmp: Path) -> Path:
     r = yaml.safe_load(demo_recipe_text())
-    r["toy"] = {"size": "micro", "seed": 0}
+    r["toy"] = {"size": "micro", "seed": 0, "arch": "llama", "post": "instruct"}
     r["train"]["post_pretrain"]["train"].update(steps=6, micro_batch_size=4, warmup_steps=1)
     # Router review is the stage the kill test interrupts: enough steps, a checkpoint after each, that
     # the run is still training well after the first checkpoint appears (with 6 steps it could finish
@@ -59,7 +59,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["systems"]) == [
         "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "budget_matched", "moe_lpr", "deltamoe",
+        "budget_matched", "moe_lpr", "deltamoe", "ceiling",
     ]
     for name, entry in results["systems"].items():
         # every evaluated checkpoint is named by its sha256, recomputed here from the files
@@ -67,11 +67,27 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
         assert set(entry["toy"]) == {"en", "vel", "kyr", "tol"}
     # every number in the report's table comes from results.json
     report = (run_dir / "report.md").read_text()
+    from deltamoe.evaluate.mc import wilson_interval
+
+    main_table = report.split("## Results", 1)[1].split("## Per language", 1)[0]
+    per_lang = report.split("## Per language", 1)[1]
     for name, entry in results["systems"].items():
-        row = next(line for line in report.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        toy = entry["toy"]
+        row = next(line for line in main_table.splitlines() if line.startswith(f"| {LABELS[name]} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1:5] == [f"{entry['toy'][lang]['qa']:.3f}" for lang in ("en", "vel", "kyr", "tol")]
-        assert cells[7:11] == [f"{entry['toy'][lang]['ppl']:.2f}" for lang in ("en", "vel", "kyr", "tol")]
+        for i, (metric, langs) in enumerate((("mc", ["en"]), ("mc", ["vel", "kyr", "tol"]),
+                                             ("qa", ["en"]), ("qa", ["vel", "kyr", "tol"]))):
+            # pooled over the group's items, with the Wilson interval of the pooled count
+            n = sum(toy[lang][f"{metric}_n"] for lang in langs)
+            k = round(sum(toy[lang][metric] * toy[lang][f"{metric}_n"] for lang in langs))
+            lo, hi = wilson_interval(k, n)
+            assert cells[1 + i] == f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]", (name, metric, langs)
+        assert cells[5] == f"{toy['en']['ppl']:.2f}"
+        row = next(line for line in per_lang.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        lo, hi = toy["vel"]["qa_ci"]
+        assert cells[4] == f"{toy['vel']['qa']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert cells[9:13] == [f"{toy[lang]['ppl']:.2f}" for lang in ("en", "vel", "kyr", "tol")]
     # the answer-kind table is read from results.json too (item-weighted over the new languages)
     kinds_section = report.split("## What the new-language answers are", 1)[1]
     for name, entry in results["systems"].items():
@@ -84,7 +100,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     budget = results["budget_matched"]
     assert budget["dense_steps"] > 0 and abs(budget["dense_flops"] - budget["moe_flops"]) / budget["moe_flops"] < 0.1
     assert results["systems"]["deltamoe"]["routing"]["num_experts"] == 4
-    for png in ("accuracy", "tradeoff", "routing-deltamoe", "training_loss"):
+    for png in ("accuracy", "tradeoff_qa", "tradeoff_mc", "routing-deltamoe", "training_loss"):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
     # the second run trains and grafts nothing
     second = run_recipe(recipe, progress=False, log=lambda m: None)

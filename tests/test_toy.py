@@ -1,19 +1,23 @@
-"""The toy world: generator, corpora, tokenizer, caching, determinism and the sanity pattern.
+"""The toy world: generator, corpora, tokenizer, caching, determinism, the shipped set, the regime
+targets and the sanity pattern.
 
-The sanity pattern is what makes the toy a measuring stick (DESIGN.md §4). Thresholds, and why:
+The regime targets (docs/toy-world.md) are asserted on the shipped set with the thresholds of
+:data:`deltamoe.toy.regime.TARGETS`, each stated there with its reason. The sanity pattern,
+and why:
 
 - base chat-QA accuracy <= 0.05 in every language: the base model never saw the chat
   special tokens, so it cannot end an assistant turn; a correct answer needs the exact word
   followed by ``<|end|>``. 0.05 leaves room for a lucky item or two, never for a skill.
-- instruct chat-QA accuracy >= 0.8 in the original language (the issue's bar) and, in every
-  new language, at most 0.3 and at least 0.4 below the original language: the new languages'
-  question words and answer forms were only a trace in pre-training, so the instruct model
-  should be near the floor there, and a 0.4 gap is far outside the noise of ~90 items
-  (binomial standard error <= 0.05).
+- instruct chat-QA accuracy >= 0.9 in the original language and, in every new language, at
+  most 0.3 and at least 0.4 below the original language: P was post-trained on original-language
+  chat only, and the base is weak in the new languages; a 0.4 gap is far outside the noise of
+  400 items (95 % interval about +-0.05).
 - continued pre-training of the base on one new language (200 steps on its CPT corpus)
-  lowers that language's held-out perplexity by at least 30 %: the base saw ~1 % of such text,
+  lowers that language's held-out perplexity by at least 30 %: the base saw 3 % of such text,
   so a short CPT run must help a lot; 30 % is well clear of run-to-run noise (which is zero
   here: everything is seeded) and of the drift that training on any text would cause.
+- the ceiling (B' post-trained on chat data in every language) reaches >= 0.6 chat QA in every
+  new language and at least 0.2 above P: the toy can separate systems.
 """
 
 from __future__ import annotations
@@ -91,11 +95,43 @@ def test_fact_split_and_chat_only_in_original_language(toy_micro: Path) -> None:
     assert {r["lang"] for r in replay} == {ORIG, *NEW} and len(replay) < 0.1 * cpt_docs
 
 
-def test_pretraining_corpus_is_mostly_original_language(toy_micro: Path) -> None:
-    rows = [json.loads(line) for line in (toy_micro / "pretrain.jsonl").open()]
-    share = {lang: sum(r["lang"] == lang for r in rows) / len(rows) for lang in (ORIG, *NEW)}
-    assert share[ORIG] > 0.85
-    assert all(0 < share[lang] < 0.06 for lang in NEW)
+def test_pretraining_corpus_is_mostly_original_language() -> None:
+    from itertools import islice
+
+    from deltamoe.toy.builder import pretrain_documents
+    from deltamoe.toy.config import SIZES
+    from deltamoe.toy.world import make_world
+
+    cfg = SIZES["small"]
+    world = make_world(0, cfg.n_people, cfg.eval_fraction, cfg.n_fresh_names)
+    docs = list(islice(pretrain_documents(world, cfg, 0), 20000))
+    share = {lang: sum(lang_ == lang for lang_, _ in docs) / len(docs) for lang in (ORIG, *NEW)}
+    assert share[ORIG] > 0.88
+    assert all(abs(share[lang] - cfg.new_language_share) < 0.006 for lang in NEW), share
+
+
+def test_multiple_choice_items_need_reading_and_the_relation() -> None:
+    from deltamoe.toy.languages import RELATIONS
+    from deltamoe.toy.world import TextMaker, make_world, rng_for
+
+    world = make_world(0, n_people=10, eval_fraction=0.3, n_fresh_names=40)
+    for code, lang in world.languages.items():
+        tm = TextMaker(world, code, rng_for(0, f"mc:{code}"), 2, 3)
+        value_of = {lang.value(c): (r, c) for r, vs in RELATIONS.items() for c in vs}
+        for _ in range(30):
+            it = tm.mc_rc_item(world.rc_names)
+            assert len(it["options"]) == 4 == len(set(it["options"])) and it["prompt"].endswith(" A:")
+            gold = it["options"][it["gold"]]
+            assert value_of[gold][0] == it["relation"]
+            # the other options: context values of other relations, and values of the asked relation
+            # that are not in the context
+            same = [o for o in it["options"] if value_of[o][0] == it["relation"] and o != gold]
+            others = [o for o in it["options"] if value_of[o][0] != it["relation"]]
+            assert len(same) == 1 and len(others) == 2
+        person, rel = world.people[0], "pet"
+        it = tm.mc_fact_item(person, rel)
+        assert it["options"][it["gold"]] == lang.value(world.facts[(person, rel)])
+        assert {value_of[o][0] for o in it["options"]} == {rel}
 
 
 def test_tokenizer_chat_template_and_consistent_word_tokens(toy_micro: Path) -> None:
@@ -135,15 +171,17 @@ def test_sft_labels_cover_only_the_answer_and_end(toy_micro: Path) -> None:
 def test_same_seed_gives_byte_identical_corpora_and_shards(tmp_path: Path, toy_micro: Path) -> None:
     from deltamoe.toy import build
 
-    again = build(tmp_path / "again", "micro", seed=0, progress=False)
+    again = build(tmp_path / "again", "micro", seed=0, progress=False, threads=2)  # architectures in parallel
     first = json.loads((toy_micro / "toy.json").read_text())
     second = json.loads((again / "toy.json").read_text())
     assert first["files"] == second["files"]  # sha256 of every corpus, eval set and shard
-    for rel in ("pretrain.jsonl", "cpt/vel.jsonl", "base/model.safetensors", "instruct/model.safetensors",
+    for rel in ("cpt/vel.jsonl", "eval/kyr/mc_rc.jsonl", "base/model.safetensors", "instruct/model.safetensors",
+                "instruct2/model.safetensors", "qwen3-base/model.safetensors", "qwen3-instruct/model.safetensors",
                 "tokenizer/tokenizer.json"):
         assert _sha(toy_micro / rel) == _sha(again / rel), rel
-    other = build(tmp_path / "other", "micro", seed=1, progress=False)
-    assert _sha(other / "pretrain.jsonl") != _sha(toy_micro / "pretrain.jsonl")
+    assert first["files"]["instruct/model.safetensors"] != first["files"]["instruct2/model.safetensors"]
+    other = build(tmp_path / "other", "micro", seed=1, progress=False, threads=1)
+    assert _sha(other / "cpt/vel.jsonl") != _sha(toy_micro / "cpt/vel.jsonl")
     assert _sha(other / "base" / "model.safetensors") != _sha(toy_micro / "base" / "model.safetensors")
 
 
@@ -172,21 +210,183 @@ def test_bad_build_arguments(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-# -- the sanity pattern (size tiny) ------------------------------------------------------------
 @pytest.mark.slow
-def test_sanity_pattern_base_and_instruct(toy_tiny_results: dict) -> None:
-    base, instruct = toy_tiny_results["base"], toy_tiny_results["instruct"]
+def test_killed_build_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """SIGKILL during pre-training, then build again: it resumes from the step checkpoint in the
+    staging directory and ends with the bytes of an uninterrupted build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from deltamoe.toy import build
+
+    script = ("import sys; from deltamoe.toy import build; from deltamoe.toy.config import SIZES, TrainPhase; "
+              "cfg = SIZES['micro'].model_copy(update={'pretrain': TrainPhase(steps=400, batch_size=8, lr=3e-3, "
+              "warmup=2, checkpoint_every=5)}); build(sys.argv[1], cfg, 0, progress=False, threads=1)")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    state = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = list(tmp_path.glob(".killed.build-*/work/base/state.json"))
+        if states:
+            state = json.loads(states[0].read_text())
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert state is not None and 0 < state["step"] < 400, "the build was not killed mid pre-training"
+    assert not killed.exists()  # nothing half-built in place
+    from deltamoe.toy.config import SIZES, TrainPhase
+
+    cfg = SIZES["micro"].model_copy(update={"pretrain": TrainPhase(steps=400, batch_size=8, lr=3e-3, warmup=2,
+                                                                   checkpoint_every=5)})
+    resumed = build(killed, cfg, 0, progress=False, threads=1)
+    fresh = build(tmp_path / "fresh", cfg, 0, progress=False, threads=1)
+    assert json.loads((resumed / "toy.json").read_text())["files"] == json.loads((fresh / "toy.json").read_text())["files"]
+    assert json.loads((resumed / "toy.json").read_text())["training"] == json.loads((fresh / "toy.json").read_text())["training"]
+    assert not list(tmp_path.glob(".killed.build-*"))  # the staging directory is gone
+
+
+def test_cli_accepts_every_size(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deltamoe.cli import app
+
+    res = CliRunner().invoke(app, ["toy", "build", str(tmp_path / "m"), "--size", "micro", "--threads", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "toy.json").read_text())["size"] == "micro"
+    res = CliRunner().invoke(app, ["toy", "build", str(tmp_path / "h"), "--size", "huge"])
+    assert res.exit_code != 0 and not (tmp_path / "h").exists()
+
+
+# -- the shipped set -------------------------------------------------------------------------
+def _copy_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import shutil
+
+    from deltamoe.toy import shipped
+
+    root = tmp_path / "shipped-root"
+    shutil.copytree(shipped.SHIPPED_ROOT, root)
+    monkeypatch.setattr(shipped, "SHIPPED_ROOT", root)
+    return root / "small-seed0"
+
+
+def test_shipped_set_is_complete_and_small() -> None:
+    from deltamoe.toy.config import SIZES
+    from deltamoe.toy.shipped import shipped_dir
+
+    d = shipped_dir("small", 0)
+    assert d is not None
+    manifest = json.loads((d / "toy.json").read_text())
+    assert manifest["key"] == SIZES["small"].cache_key(0)
+    assert manifest["models"] == ["base", "instruct", "instruct2", "qwen3-base", "qwen3-instruct"]
+    total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    assert total < 60e6
+    for name in manifest["models"]:
+        assert (d / name / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_corrupt_or_missing_shipped_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltamoe.toy import build
+    from deltamoe.toy.shipped import ShippedToyError
+
+    d = _copy_shipped(tmp_path, monkeypatch)
+    shard = d / "instruct" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShippedToyError, match=r"instruct/model.safetensors: sha256 does not match.*--train"):
+        build(tmp_path / "out", "small", 0, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    (d / "qwen3-base" / "config.json").unlink()
+    shard.unlink()
+    with pytest.raises(ShippedToyError, match="missing from the shipped toy set"):
+        build(tmp_path / "out", "small", 0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_a_corrupt_shipped_set_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from deltamoe.cli import app
+
+    d = _copy_shipped(tmp_path, monkeypatch)
+    (d / "tokenizer" / "tokenizer.json").write_text("{}")
+    res = CliRunner().invoke(app, ["toy", "build", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 1
+    assert "tokenizer.json: sha256 does not match" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_shipped_set_materialises_with_the_manifest_bytes(toy_small: Path) -> None:
+    from deltamoe.toy.builder import build_files
+    from deltamoe.toy.shipped import shipped_dir
+
+    manifest = json.loads((shipped_dir("small", 0) / "toy.json").read_text())  # type: ignore[operator]
+    assert build_files(toy_small) == manifest["files"]  # corpora and evaluation sets regenerated byte for byte
+    prov = json.loads((toy_small / "instruct2" / "deltamoe.json").read_text())
+    assert prov["stages"][-1]["params"]["toy_dir"] == str(toy_small)
+    assert prov["stages"][-1]["inputs"]["base"]["path"] == str(toy_small / "base")
+    cfg = json.loads((toy_small / "qwen3-base" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["tie_word_embeddings"] is True
     for lang in (ORIG, *NEW):
-        assert base["languages"][lang]["qa"] <= 0.05, (lang, base["languages"][lang])
-    orig = instruct["languages"][ORIG]["qa"]
-    assert orig >= 0.8, instruct["languages"][ORIG]
-    for lang in NEW:
-        acc = instruct["languages"][lang]["qa"]
-        assert acc <= 0.3 and acc <= orig - 0.4, (lang, acc, orig)
+        for task in ("mc_rc", "mc_facts"):
+            assert sum(1 for _ in (toy_small / "eval" / lang / f"{task}.jsonl").open()) >= 400
+
+
+# -- the regime targets and the sanity pattern (the shipped set) ---------------------------------
+@pytest.mark.slow
+def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
+    from deltamoe.toy.regime import TARGETS
+
+    seen = set()
+    for c in toy_small_regime["checks"]:
+        _, threshold, op = TARGETS[c["target"]]
+        v = c["value"]
+        assert {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op], c
+        seen.add(c["target"])
+    assert seen == set(TARGETS)
+    # every model of the build was checked: both bases, all three post-trained models
+    assert {c["model"] for c in toy_small_regime["checks"]} == {"base", "instruct", "instruct2", "qwen3-base",
+                                                                "qwen3-instruct"}
 
 
 @pytest.mark.slow
-def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_tiny: Path, tmp_path: Path) -> None:
+def test_regime_matches_the_shipped_record(toy_small: Path, toy_small_regime: dict) -> None:
+    """The numbers in toy.json (and so in the README) are what the shipped models score here."""
+    shipped = json.loads((toy_small / "toy.json").read_text())["regime"]
+    assert shipped["scores"] == toy_small_regime["scores"]
+    assert shipped["checks"] == toy_small_regime["checks"]
+
+
+@pytest.mark.slow
+def test_second_delta_differs_from_the_first(toy_small_regime: dict) -> None:
+    posts = toy_small_regime["archs"]["base"]["posts"]
+    d1, d2 = posts["instruct"]["delta_norm"]["all"], posts["instruct2"]["delta_norm"]["all"]
+    assert 0 < d1 < 0.5 and 0 < d2 < 0.5
+    assert abs(d1 - d2) > 0.05 * max(d1, d2) or posts["instruct"] != posts["instruct2"]
+
+
+@pytest.mark.slow
+def test_sanity_pattern_base_and_instruct(toy_small_regime: dict) -> None:
+    scores = toy_small_regime["scores"]
+    for base, post in (("base", "instruct"), ("base", "instruct2"), ("qwen3-base", "qwen3-instruct")):
+        for lang in (ORIG, *NEW):
+            assert scores[base][lang]["qa"] <= 0.05, (base, lang, scores[base][lang])
+        orig = scores[post][ORIG]["qa"]
+        assert orig >= 0.9, (post, scores[post][ORIG])
+        for lang in NEW:
+            acc = scores[post][lang]["qa"]
+            assert acc <= 0.3 and acc <= orig - 0.4, (post, lang, acc, orig)
+
+
+@pytest.mark.slow
+def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_small: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,14 +396,14 @@ def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_tiny: Path, tmp_p
     from deltamoe.toy.train import deterministic, packed_batches, train_loop
 
     lang = "vel"
-    tok = AutoTokenizer.from_pretrained(toy_tiny / "base")
-    held_out = [json.loads(line)["text"] for line in (toy_tiny / "eval" / lang / "ppl.jsonl").open()]
-    orig_held_out = [json.loads(line)["text"] for line in (toy_tiny / "eval" / ORIG / "ppl.jsonl").open()]
-    corpus = [json.loads(line)["text"] for line in (toy_tiny / "cpt" / f"{lang}.jsonl").open()]
+    tok = AutoTokenizer.from_pretrained(toy_small / "base")
+    held_out = [json.loads(line)["text"] for line in (toy_small / "eval" / lang / "ppl.jsonl").open()]
+    orig_held_out = [json.loads(line)["text"] for line in (toy_small / "eval" / ORIG / "ppl.jsonl").open()]
+    corpus = [json.loads(line)["text"] for line in (toy_small / "cpt" / f"{lang}.jsonl").open()][:8000]
     sep = tok.convert_tokens_to_ids(DOC_SEP)
     stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
     with deterministic(2):
-        model = AutoModelForCausalLM.from_pretrained(toy_tiny / "base", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(toy_small / "base", dtype=torch.float32)
         before = perplexity(model, tok, held_out)["ppl"]
         train_loop(model, packed_batches(stream, 128, 16, seed=0), TrainPhase(steps=200, batch_size=16, lr=1e-3, warmup=10),
                    desc="cpt", progress=False)
