@@ -1,6 +1,6 @@
 """The toy world: generator, corpora, tokenizer, caching, determinism and the sanity pattern.
 
-The sanity pattern is what makes the toy a measuring stick (DESIGN.md §4). Thresholds, and why:
+The sanity pattern is what makes the toy a measuring stick (docs/design.md#the-toy-world-as-a-measuring-stick). Thresholds, and why:
 
 - base chat-QA accuracy <= 0.05 in every language: the base model never saw the chat
   special tokens, so it cannot end an assistant turn; a correct answer needs the exact word

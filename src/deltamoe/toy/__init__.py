@@ -1,4 +1,4 @@
-"""The toy multilingual world (DESIGN.md §4): a seeded generator of people, facts and text in an
+"""The toy multilingual world (docs/design.md#the-toy-world-as-a-measuring-stick): a seeded generator of people, facts and text in an
 original language and three new ones, a tokenizer, and tiny base and instruct models trained
 on it. ``deltamoe.toy.build(out, size="tiny", seed=0)`` builds everything into ``out``.
 
