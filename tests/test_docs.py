@@ -3,7 +3,8 @@
 Checked: every relative link in README.md, BENCHMARKS.md and docs/*.md points to an existing file,
 and a ``#fragment`` into a Markdown file names one of its headings (GitHub's anchor rule); every
 ``docs/design.md#<anchor>`` cited in src/, tests/, bench/ or scripts/ exists; nothing under src/ or
-tests/ cites the old design notes, which are not part of the repository.
+tests/ cites the old design notes, which are not part of the repository; the generated reference
+tables are current.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def test_no_citation_of_the_old_design_notes() -> None:
             if f.is_file() and f.suffix not in (".pyc",) and OLD_DESIGN_NOTES in f.read_text(errors="replace"):
                 bad.append(str(f.relative_to(ROOT)))
     assert not bad, f"cite docs/design.md instead of {OLD_DESIGN_NOTES}: " + ", ".join(bad)
+
+
+def test_generated_tables_are_current() -> None:
+    """docs/recipes.md's field table is generated from the recipe schema (scripts/docs_tables.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_tables", ROOT / "scripts" / "docs_tables.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for (page, name), make in mod.TABLES.items():
+        text = (ROOT / page).read_text()
+        assert mod.render(text, name, make()) == text, f"{page} ({name}) is out of date: run python scripts/docs_tables.py"
 
 
 def test_anchor_rule() -> None:
