@@ -8,7 +8,7 @@ change, written to ``OUT/NAME/recipe.yaml`` (default OUT: ``DEMO_DIR/study``) an
 baselines and every stage a variant does not change come from the cache (stage keys hash their
 parameters, so sharing is safe). Variants keep only the baselines P, ParamΔ and MoE-LPR.
 
-Writes ``OUT/study.md`` (the tables the README's results section quotes) and ``OUT/study.json``:
+Writes ``OUT/study.md`` (the tables docs/history.md quotes) and ``OUT/study.json``:
 
 - per variant, the QA accuracy and perplexity per language of DeltaMoE and MoE-LPR;
 - for the demo's systems and each variant's DeltaMoE, what the new-language chat answers are (the

@@ -2,8 +2,9 @@
 targets and the sanity pattern.
 
 The regime targets (docs/toy-world.md) are asserted on the shipped set with the thresholds of
-:data:`deltamoe.toy.regime.TARGETS`, each stated there with its reason. The sanity pattern,
-and why:
+:data:`deltamoe.toy.regime.TARGETS`, each stated there with its reason. The sanity pattern is what
+makes the toy a measuring stick (docs/design.md#the-toy-world-as-a-measuring-stick). Its
+thresholds, and why:
 
 - base chat-QA accuracy <= 0.05 in every language: the base model never saw the chat
   special tokens, so it cannot end an assistant turn; a correct answer needs the exact word

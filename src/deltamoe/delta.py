@@ -1,4 +1,4 @@
-"""The post-training delta (DESIGN.md §1 step 4): extract Δ = P − B, expand it to the MoE, graft.
+"""The post-training delta (docs/design.md#step-3-graft): extract Δ = P − B, expand it to the MoE, graft.
 
 ``graft`` streams M' = M + expand(Δ): the dense FFN delta of each layer goes to the chosen
 experts of that layer (scaled by α), every other tensor (attention, norms, embeddings, LM

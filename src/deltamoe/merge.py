@@ -1,4 +1,4 @@
-"""Dense data-free merges, the baselines the method is compared against (DESIGN.md §1).
+"""Dense data-free merges, the baselines the method is compared against (docs/design.md#baselines).
 
 All methods combine task vectors δ_i = X_i − B (or the Δ of a delta artifact) and add them to
 an anchor:

@@ -108,7 +108,7 @@ class UpcycleSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """One training stage; the sections are those of ``deltamoe train`` configs (see README)."""
+    """One training stage; the sections are those of ``deltamoe train`` configs (see docs/training.md)."""
 
     data: dict[str, Any] = Field(description="Data section of a train config; '{toy}' in paths is the toy build.")
     train: dict[str, Any] = Field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Dense -> MoE upcycling (DESIGN.md §1 step 1).
+"""Dense -> MoE upcycling (docs/design.md#step-1-upcycle).
 
 Every FFN of the chosen layers becomes E experts plus a router. Expert 0 is the original FFN,
 byte for byte; experts 1..E-1 are copies, optionally perturbed (Gaussian noise or

@@ -1,7 +1,7 @@
-"""The toy multilingual world (docs/design.md, "The toy world"): a seeded generator of people,
-facts and text in an original language and three new ones, a tokenizer, and small base and
-post-trained models of two architectures. ``deltamoe.toy.build(out, size="small", seed=0)``
-writes everything into ``out`` (from the shipped set, or trained with ``train=True``).
+"""The toy multilingual world (docs/design.md#the-toy-world-as-a-measuring-stick): a seeded
+generator of people, facts and text in an original language and three new ones, a tokenizer, and
+small base and post-trained models of two architectures. ``deltamoe.toy.build(out, size="small",
+seed=0)`` writes everything into ``out`` (from the shipped set, or trained with ``train=True``).
 
 Imported lazily: nothing heavy happens on ``import deltamoe.toy``.
 """

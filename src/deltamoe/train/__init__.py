@@ -1,4 +1,4 @@
-"""Continued pre-training of an upcycled MoE (DESIGN.md §1 steps 2 and 3).
+"""Continued pre-training of an upcycled MoE (docs/design.md#step-2-continued-pre-training).
 
 ``deltamoe.train(config)`` runs one stage: ``post_pretrain`` (new experts and routers learn the
 new languages; load balancing) or ``router_review`` (routers only, language-prior routing).

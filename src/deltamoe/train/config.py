@@ -1,6 +1,6 @@
 """The training configuration: one strict schema per stage, loaded from YAML.
 
-``stage: post_pretrain`` (DESIGN.md §1 step 2) and ``stage: router_review`` (step 3) share the
+``stage: post_pretrain`` (docs/design.md#stage-1-post-pretraining) and ``stage: router_review`` (stage 2) share the
 same sections; they differ only in their defaults (which losses are on, what trains).
 ``stage: dense_cpt`` is continued pre-training of a dense model (the baselines' B'): next-token
 loss only, every parameter trainable by default. Every
