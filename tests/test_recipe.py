@@ -109,3 +109,44 @@ def test_cli_dry_run_and_missing_recipe(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "estimated new disk use" in res.output
     res = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert res.exit_code == 1 and "no such recipe file" in res.output
+
+
+def test_toy_architecture_and_delta_choose_the_models(tmp_path: Path) -> None:
+    from deltamoe.pipeline import build_plan
+
+    for toy, base, post in (({"arch": "llama", "post": "instruct"}, "toy/base", "toy/instruct"),
+                            ({"arch": "llama", "post": "instruct2"}, "toy/base", "toy/instruct2"),
+                            ({"arch": "qwen3"}, "toy/qwen3-base", "toy/qwen3-instruct")):
+        r = _demo()
+        r["toy"].update(toy)
+        stages = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+        assert stages["upcycle"].inputs == {"dense": base}
+        assert stages["deltamoe"].inputs["post"] == post and stages["deltamoe"].inputs["base"] == base
+        assert stages["paramdelta"].inputs["post"] == post
+    r = _demo()
+    r["toy"].update(arch="qwen3", post="instruct2")
+    with pytest.raises(UsageError, match="qwen3 architecture has one post-trained model"):
+        load_recipe(_write(tmp_path, r))
+
+
+def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> None:
+    from deltamoe.pipeline import SYSTEM_ORDER, build_plan
+    from deltamoe.toy import SIZES
+
+    stages = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, _demo())), local_only=True)[0]}
+    assert stages["ceiling"].kind == "toy_sft" and stages["ceiling"].inputs == {"model": "dense_cpt", "toy": "toy"}
+    phase = SIZES["small"].posts[0].phase
+    assert stages["ceiling"].params == {"steps": 2 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
+                                        "seed": 0}
+    assert "eval-ceiling" in stages and SYSTEM_ORDER[-1] == "ceiling"
+    # the ceiling needs the toy world's chat data: refused by name for real models, left out by default
+    r = _demo()
+    del r["toy"]
+    r["models"] = {"base": "b", "post": "p"}
+    r["eval"]["suites"] = ["lm_eval"]
+    r["eval"]["lm_eval_tasks"] = ["belebele_ell_Grek"]
+    recipe, rdir = load_recipe(_write(tmp_path, r))
+    assert "ceiling" not in recipe.wanted
+    r["baselines"] = ["post", "ceiling"]
+    with pytest.raises(UsageError, match="'ceiling' needs the toy world"):
+        load_recipe(_write(tmp_path, r))
