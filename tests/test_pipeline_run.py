@@ -20,13 +20,14 @@ from deltamoe.checkpoint import Checkpoint
 from deltamoe.demo import demo_recipe_text
 from deltamoe.pipeline import build_plan, run_recipe
 from deltamoe.provenance import describe_checkpoint
-from deltamoe.recipe import load_recipe
+from deltamoe.recipe import ALL_BASELINES, load_recipe
 from deltamoe.report import LABELS
 
 
 def _micro_recipe(tmp: Path) -> Path:
     r = yaml.safe_load(demo_recipe_text())
     r["toy"] = {"size": "micro", "seed": 0, "arch": "llama", "post": "instruct"}
+    r["baselines"] = list(ALL_BASELINES)  # every system, not only the demo's selection
     r["train"]["post_pretrain"]["train"].update(steps=6, micro_batch_size=4, warmup_steps=1)
     # Router review is the stage the kill test interrupts: enough steps, a checkpoint after each, that
     # the run is still training well after the first checkpoint appears (with 6 steps it could finish
