@@ -57,13 +57,15 @@ def _yaml(obj: Any, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _json_task(name: str, data_file: Path, output_type: str) -> dict[str, Any]:
+    """The part every exported task shares: a local JSON file as the test split."""
+    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+            "test_split": "test", "output_type": output_type}
+
+
 def qa_task(name: str, data_file: Path) -> dict[str, Any]:
     return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        "output_type": "generate_until",
+        **_json_task(name, data_file, "generate_until"),
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{answer}}",
         "target_delimiter": "",
@@ -80,11 +82,7 @@ def qa_task(name: str, data_file: Path) -> dict[str, Any]:
 
 def mc_task(name: str, data_file: Path) -> dict[str, Any]:
     return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
+        **_json_task(name, data_file, "multiple_choice"),
         "doc_to_text": "{{prompt}}",
         "doc_to_choice": "options",
         "doc_to_target": "gold",
@@ -97,11 +95,7 @@ def mc_task(name: str, data_file: Path) -> dict[str, Any]:
 
 def ppl_task(name: str, data_file: Path) -> dict[str, Any]:
     return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-        "output_type": "loglikelihood_rolling",
+        **_json_task(name, data_file, "loglikelihood_rolling"),
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
         "metric_list": [
