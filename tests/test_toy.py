@@ -347,7 +347,7 @@ def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
 
     seen = set()
     for c in toy_small_regime["checks"]:
-        _, threshold, op = TARGETS[c["target"]]
+        _, threshold, op, _ = TARGETS[c["target"]]
         v = c["value"]
         assert {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op], c
         seen.add(c["target"])
