@@ -33,6 +33,7 @@ import torch
 
 from deltamoe.errors import CheckpointError, DataError, UsageError
 from deltamoe.train import data as D
+from deltamoe.train import distributed as dist_engine
 from deltamoe.train import losses as L
 from deltamoe.train.config import AnyStageConfig, load_config
 from deltamoe.train.model import Layout, RouterCapture, load_for_training, write_trained
@@ -62,13 +63,12 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
             f"launched as {world} processes (WORLD_SIZE), but accelerate set up {acc.num_processes}; "
             "launch with torchrun or accelerate launch"
         )
-    for kind in ("FSDP", "DEEPSPEED"):
-        asked = os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
-        if asked and acc.distributed_type.name != kind:
-            raise UsageError(
-                f"the accelerate config asks for {kind}, but accelerate set up {acc.distributed_type.name} "
-                f"({kind} needs GPUs); launch with torchrun for data parallel training on CPUs"
-            )
+    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if asked and acc.distributed_type.name != "DEEPSPEED":
+        raise UsageError(
+            f"the accelerate config asks for DEEPSPEED, but accelerate set up {acc.distributed_type.name} "
+            "(DEEPSPEED needs GPUs); launch with torchrun for data parallel (ddp) or sharded (fsdp2) training on CPUs"
+        )
     # an accelerate config file can override both through the environment; the config must win
     want = "bf16" if precision == "bf16" else "no"
     deepspeed = acc.distributed_type.name == "DEEPSPEED"  # precision lives in the DeepSpeed config there
@@ -98,7 +98,10 @@ def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str
 
 def _config_digest(cfg: AnyStageConfig) -> tuple[str, dict[str, Any]]:
     """Digest of everything that determines the trained weights (not logging, paths of outputs)."""
-    keep = cfg.model_dump(mode="json", exclude={"output", "run_dir", "checkpoint", "logging"})
+    # the engine and the process count do not change the data per step (checked on resume instead)
+    keep = cfg.model_dump(mode="json", exclude={"output", "run_dir", "checkpoint", "logging", "distributed"})
+    if keep["train"].get("global_batch") is None:
+        keep["train"].pop("global_batch", None)  # digests of configs without it stay as they were
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest(), keep
 
 
@@ -150,9 +153,11 @@ def _save_checkpoint(
 
     root = cfg.resolved_run_dir / "checkpoints"
     final = root / f"step-{run.step:07d}"
-    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+    fmt = dist_engine.CHECKPOINT_FORMAT[cfg.distributed.engine]
     meta = {
-        "format": "accelerate" if sharded else "deltamoe",
+        "format": fmt,
+        "engine": cfg.distributed.engine,
+        "processes": acc.num_processes,
         "step": run.step,
         "tokens": run.tokens,
         "heldout_before": run.heldout_before,
@@ -162,13 +167,17 @@ def _save_checkpoint(
         "param_names": names,
         "data": stream.state_dict(),
     }
-    if sharded:
+    if fmt != "deltamoe":  # sharded: every process writes its part into one shared directory
         tmp = root / f".tmp-step-{run.step:07d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        if fmt == "dcp":
+            dist_engine.save_sharded(tmp, model, optimizer)
+        else:
+            acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
+            save_file(_rng_state(), str(tmp / "rng.safetensors"))
             (tmp / _STATE).write_text(json.dumps(meta))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -185,9 +194,7 @@ def _save_checkpoint(
                 for k, v in st.items()
                 if torch.is_tensor(v)
             }
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available():
-                tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+            tensors.update(_rng_state())
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             meta["param_groups"] = osd["param_groups"]
             (tmp / _STATE).write_text(json.dumps(meta))
@@ -197,6 +204,19 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
 
 
 def _find_resume(cfg: AnyStageConfig) -> Path | None:
@@ -212,8 +232,26 @@ def _find_resume(cfg: AnyStageConfig) -> Path | None:
     return path
 
 
-def _read_resume_meta(path: Path, digest: str, cfg: AnyStageConfig, global_batch: int) -> dict[str, Any]:
-    meta = json.loads((path / _STATE).read_text())
+def _read_resume_meta(
+    path: Path, digest: str, cfg: AnyStageConfig, global_batch: int, processes: int
+) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / _STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / _STATE}: unreadable ({type(e).__name__}: {e})") from None
+    engine = meta.get("engine", "zero3" if meta["format"] == "accelerate" else "ddp")
+    if engine != cfg.distributed.engine:
+        raise UsageError(
+            f"{path}: written by distributed.engine {engine}, this run uses {cfg.distributed.engine}; its "
+            f"optimizer state is in that engine's format: resume with distributed.engine: {engine}, or set "
+            "checkpoint.resume: never to start over"
+        )
+    saved_procs = meta.get("processes", processes)
+    if engine == "zero3" and saved_procs != processes:
+        raise UsageError(
+            f"{path}: a DeepSpeed ZeRO-3 checkpoint of {saved_procs} processes, now {processes}; DeepSpeed's "
+            "partitioned optimizer state loads only on the same process count (ddp and fsdp2 checkpoints load on any)"
+        )
     if meta["config_digest"] != digest:
         changed = _diff(meta["config"], _config_digest(cfg)[1])
         raise UsageError(
@@ -250,9 +288,18 @@ def _load_own_checkpoint(path: Path, meta: dict[str, Any], model: Any, optimizer
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+    _set_rng_state(tensors)
+
+
+def _load_dcp_checkpoint(path: Path, meta: dict[str, Any], model: Any, optimizer: Any, names: list[str]) -> None:
+    from safetensors.torch import load_file
+
+    if meta["param_names"] != names:
+        raise CheckpointError(
+            f"{path}: trains other parameters than this run; start over with checkpoint.resume: never"
+        )
+    dist_engine.load_sharded(path, model, optimizer)
+    _set_rng_state(load_file(str(path / "rng.safetensors")))
 
 
 # -- logging -----------------------------------------------------------------------------
@@ -436,10 +483,13 @@ def train(
         langs = D.Languages(allocation)
     lang_names = langs.names
     D.check_sources(cfg.data, langs)
+    engine = cfg.distributed.engine
+    dist_engine.check_engine(engine)
+    accum = cfg.train.accumulation(int(os.environ.get("WORLD_SIZE", "1")))
 
-    acc = _accelerator(cfg.train.precision, cfg.train.grad_accum)
+    acc = _accelerator(cfg.train.precision, accum)
     world, rank = acc.num_processes, acc.process_index
-    mb, accum, seq = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
+    mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     global_batch = mb * accum * world
     available = D.budget_sequences(cfg.data)
     total_steps = cfg.train.steps or (available // global_batch if available is not None else 0)
@@ -469,6 +519,8 @@ def train(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if engine == "fsdp2":  # before the optimizer: fully_shard replaces the parameters by sharded ones
+        model = dist_engine.shard(model, acc.device, world)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied aliases appear once
     names = [n for n, _ in named]
     decay = [p for n, p in named if p.dim() >= 2]
@@ -496,16 +548,21 @@ def train(
     resume = _find_resume(cfg)
     meta: dict[str, Any] | None = None
     if resume is not None:
-        meta = _read_resume_meta(resume, digest, cfg, global_batch)
+        meta = _read_resume_meta(resume, digest, cfg, global_batch, world)
         if meta["format"] == "deltamoe":
             _load_own_checkpoint(resume, meta, model, optimizer, names)
     elif cfg.checkpoint.resume == "never" and acc.is_main_process:
         # starting over: old checkpoints of this run_dir must not be resumed or outlive new ones
         shutil.rmtree(cfg.resolved_run_dir / "checkpoints", ignore_errors=True)
-    model, optimizer = acc.prepare(model, optimizer)
+    if engine == "fsdp2":  # sharded already; accelerate handles the optimizer's accumulation steps
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     if meta is not None:
         if meta["format"] == "accelerate":
             acc.load_state(str(resume))
+        elif meta["format"] == "dcp":
+            _load_dcp_checkpoint(resume, meta, model, optimizer, names)
         stream.load_state_dict(meta["data"])
         run = _Run(step=meta["step"], tokens=meta["tokens"], heldout_before=meta.get("heldout_before"))
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
@@ -525,7 +582,13 @@ def train(
         file=sys.stderr,
         disable=not (show and acc.is_main_process),
     )
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 swaps them
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding and prepare
+
+    def clip(ps: list[torch.Tensor], max_norm: float) -> float:
+        if engine == "fsdp2":
+            return dist_engine.clip_grad_norm(ps, max_norm)
+        gn = acc.clip_grad_norm_(ps, max_norm)
+        return float(gn) if gn is not None else float("nan")  # DeepSpeed clips itself
     if acc.is_main_process:
         logger.log(
             {
@@ -534,6 +597,7 @@ def train(
                 "stage": cfg.stage,
                 "processes": world,
                 "distributed": acc.distributed_type.name,
+                "engine": engine,
                 "precision": cfg.train.precision,
                 "global_batch": global_batch,
                 "total_steps": total_steps,
@@ -584,8 +648,7 @@ def train(
                     total = coef.lm * lm + coef_balance * bal + coef_lpr * lpr
                     acc.backward(total)
                     if acc.sync_gradients and cfg.train.max_grad_norm is not None:
-                        gn = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                        grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips itself
+                        grad_norm = clip(params, cfg.train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([total.detach(), lm.detach(), bal.detach(), lpr.detach()]).double()
@@ -631,7 +694,7 @@ def train(
                 return None
         final_eval = evaluate(run.step) if len(heldout) else None
 
-        state = acc.get_state_dict(model)
+        state = dist_engine.full_state_dict(model) if engine == "fsdp2" else acc.get_state_dict(model)
         if acc.is_main_process:
             summary = {
                 "steps": run.step,
