@@ -503,6 +503,10 @@ def train(
 
     from accelerate.utils import set_seed
 
+    # a checkpoint that cannot be resumed is refused before the model is loaded
+    digest, _ = _config_digest(cfg)
+    resume = _find_resume(cfg)
+    meta = _read_resume_meta(resume, digest, cfg, global_batch, world) if resume is not None else None
     set_seed(cfg.seed)
     hashes = hash_in_background(ckpt) if acc.is_main_process else None
     show = cfg.logging.progress if progress is None else progress
@@ -543,12 +547,8 @@ def train(
 
     heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
     stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
-    digest, _ = _config_digest(cfg)
     run = _Run()
-    resume = _find_resume(cfg)
-    meta: dict[str, Any] | None = None
-    if resume is not None:
-        meta = _read_resume_meta(resume, digest, cfg, global_batch, world)
+    if meta is not None:
         if meta["format"] == "deltamoe":
             _load_own_checkpoint(resume, meta, model, optimizer, names)
     elif cfg.checkpoint.resume == "never" and acc.is_main_process:
