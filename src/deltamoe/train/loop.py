@@ -624,17 +624,17 @@ def train(
     grad_norm = float("nan")
     t_last, tok_last = time.perf_counter(), run.tokens
     start_step = run.step
+    mine = [(j * world + rank) * mb + r for j in range(accum) for r in range(mb)]
     model.train()
     try:
         while run.step < total_steps:
-            try:
-                ids_all, lang_all = stream.take(global_batch)
+            try:  # this process's rows of the global batch: micro-batch j is rows (j * world + rank) * mb ...
+                ids_mine, lang_mine = stream.take(global_batch, keep=mine)
             except StopIteration:
                 raise DataError("the data stream ended before the planned number of steps") from None
             for j in range(accum):
-                lo = (j * world + rank) * mb
-                ids = ids_all[lo : lo + mb].to(acc.device)
-                tok_lang = lang_all[lo : lo + mb].reshape(-1).to(acc.device)
+                ids = ids_mine[j * mb : (j + 1) * mb].to(acc.device)
+                tok_lang = lang_mine[j * mb : (j + 1) * mb].reshape(-1).to(acc.device)
                 with acc.accumulate(model):
                     with capture.capture():
                         logits = model(input_ids=ids, use_cache=False).logits
