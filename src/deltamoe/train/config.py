@@ -61,6 +61,10 @@ class SourceConfig(_Strict):
 
 class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
+    pack: str | None = Field(
+        None,
+        description="A packed dataset of these sources (deltamoe data pack): read it instead of tokenising them.",
+    )
     seq_len: int = Field(gt=1, description="Tokens per packed training sequence.")
     heldout_fraction: float = Field(
         0.01, ge=0.0, lt=1.0, description="Share of each source's documents held out (chosen by a seeded hash)."
@@ -300,6 +304,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         data["sources"] = [
             {**s, "path": fix(s["path"])} if isinstance(s, dict) and "path" in s else s for s in data["sources"]
         ]
+        if isinstance(data.get("pack"), str):
+            data["pack"] = fix(data["pack"])
         out["data"] = data
     ck = out.get("checkpoint")
     if isinstance(ck, dict) and isinstance(ck.get("resume"), str) and ck["resume"] not in ("auto", "never"):

@@ -34,6 +34,7 @@ import torch
 from deltamoe.errors import CheckpointError, DataError, UsageError
 from deltamoe.train import data as D
 from deltamoe.train import distributed as dist_engine
+from deltamoe.train import pack as P
 from deltamoe.train import losses as L
 from deltamoe.train.config import AnyStageConfig, load_config
 from deltamoe.train.model import Layout, RouterCapture, load_for_training, write_trained
@@ -470,19 +471,19 @@ def train(
     if len(tokenizer) > vocab:
         raise CheckpointError(f"{ckpt.path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
     coef_balance, coef_lpr = getattr(cfg.losses, "balance", 0.0), getattr(cfg.losses, "lpr", 0.0)
-    if moe is None:  # dense: the languages are those the sources name (for per-language evaluation)
-        allocation: dict[str, list[int]] = {s.lang: [] for s in cfg.data.sources if s.lang}
-        langs = D.Languages(allocation, kind="sources")
-    else:
-        allocation = {k: list(v) for k, v in (moe.get("allocation") or {}).items()}
-        if coef_lpr > 0 and not allocation:
-            raise UsageError(
-                f"losses.lpr = {coef_lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
-                "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
-            )
-        langs = D.Languages(allocation)
+    langs = P.languages(cfg, moe)  # dense: the sources' languages (for per-language evaluation)
+    allocation = {k: list(v) for k, v in langs.allocation.items()}
+    if moe is not None and coef_lpr > 0 and not allocation:
+        raise UsageError(
+            f"losses.lpr = {coef_lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
+            "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
+        )
     lang_names = langs.names
-    D.check_sources(cfg.data, langs)
+    packed = P.Pack(cfg.data.pack) if cfg.data.pack else None
+    if packed is not None:  # the raw sources need not be here
+        packed.check(cfg.data, cfg.seed, tokenizer, langs)
+    else:
+        D.check_sources(cfg.data, langs)
     engine = cfg.distributed.engine
     dist_engine.check_engine(engine)
     accum = cfg.train.accumulation(int(os.environ.get("WORLD_SIZE", "1")))
@@ -545,8 +546,12 @@ def train(
         scheduler_specific_kwargs=extra,
     )
 
-    heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
-    stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
+    if packed is not None:
+        heldout = packed.heldout(cfg.data)
+        stream: D.TrainStream = P.PackedStream(cfg.data, packed, tokenizer, langs, cfg.seed)
+    else:
+        heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
+        stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
     run = _Run()
     if meta is not None:
         if meta["format"] == "deltamoe":
