@@ -89,6 +89,7 @@ class TrainSpec(_Strict):
     trainable: dict[str, Any] = Field(default_factory=dict)
     checkpoint: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
+    distributed: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainStages(_Strict):
@@ -102,6 +103,7 @@ class DenseCptSpec(_Strict):
     data: dict[str, Any] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
+    distributed: dict[str, Any] | None = Field(None, description="Default: stage 1's.")
 
 
 class GraftSpec(_Strict):
