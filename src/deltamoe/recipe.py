@@ -307,9 +307,11 @@ class _Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.state: Any = None
         if self.world > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # accelerate sets up a CPU process group (gloo) only when told to use the CPU
+            self.state = PartialState(cpu=not torch.cuda.is_available())
 
     @property
     def is_main(self) -> bool:
