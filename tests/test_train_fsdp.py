@@ -150,3 +150,14 @@ def test_engine_and_batch_errors_come_before_any_step(world, tmp_path, monkeypat
     with pytest.raises(UsageError, match="engine"):
         deltamoe.train({**cfg, "distributed": {"engine": "fsdp1"}})
     assert not (tmp_path / "x.run").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_of_two_processes_resumes_on_one(world, tmp_path) -> None:
+    deltamoe.train(_cfg(world, tmp_path / "one", engine="ddp"))
+    part = _cfg(world, tmp_path / "part", engine="ddp")
+    _run(part, tmp_path / "part.yaml", 2, "--stop-after", "3")
+    assert deltamoe.train(part) == tmp_path / "part"  # one process, grad_accum 2 instead of 1
+    _, trained = _compare(tmp_path / "one", tmp_path / "part", world.moe, TOLERANCE)
+    assert trained == 14
+    assert "step-0000003" in (tmp_path / "part.run" / "logs" / "train.jsonl").read_text()
