@@ -1,7 +1,8 @@
 """The training loop of both stages, on accelerate.
 
-accelerate supplies the process group and the model wrapper (DDP, FSDP or DeepSpeed, chosen by
-``accelerate launch --config_file``; plain ``torchrun`` gives DDP), mixed precision, gradient
+accelerate supplies the process group and the model wrapper (DDP, or DeepSpeed chosen by
+``accelerate launch --config_file``; FSDP2 is applied by deltamoe.train.distributed when the config
+says ``distributed.engine: fsdp2``), mixed precision, gradient
 accumulation without needless all-reduces (``accumulate``), gradient clipping and the
 collectives for logging. The loop itself is short: every process reads the same global stream
 of packed sequences and takes its slice of each global batch, so a run on N processes sees the
@@ -9,8 +10,8 @@ same data per optimizer step as a run on one process with N times the accumulati
 
 Resumable checkpoints hold the trainable parameters, the optimizer state (safetensors; nothing
 is pickled), the random state and the data stream's position; resuming continues bit-for-bit
-where the interrupted run would have been. Under FSDP/DeepSpeed, whose optimizer state is
-sharded, accelerate's ``save_state``/``load_state`` are used instead.
+where the interrupted run would have been. Under FSDP2 the checkpoint is sharded with
+``torch.distributed.checkpoint``; under DeepSpeed accelerate's ``save_state``/``load_state`` are used.
 """
 
 from __future__ import annotations
