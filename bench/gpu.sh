@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (bench/gpu_check.py): ~1B dense bf16 -> 8 experts top-2 -> ~50 stage-1 training
 # steps (deltamoe vs stock transformers' default and eager experts) -> graft -> one forward pass.
+# Also the deltamoe step under FSDP2 (fully_shard, world size 1, DTensor parameters; variant
+# deltamoe-fsdp2): the grouped-GEMM experts path as `distributed.engine: fsdp2` runs it.
 # One command on one H100/H200 with PyTorch, transformers and CUDA and no network; results in
 # $OUT (gpu_check.json, gpu_check.md, gpu_check.log). Well within 8 minutes.
 #

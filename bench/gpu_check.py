@@ -41,7 +41,9 @@ PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), 
 FULL = dict(hidden=2048, intermediate=5632, layers=20, vocab=32000, heads=16, kv_heads=4)  # 1.03B dense
 SMOKE = dict(hidden=64, intermediate=160, layers=2, vocab=512, heads=4, kv_heads=2)
 EXPERTS, TOP_K = 8, 2
-VARIANTS = ("deltamoe", "deltamoe-eager", "stock-grouped_mm", "stock-eager")
+# deltamoe-fsdp2: the same step with the model under FSDP2 (fully_shard per decoder layer + root,
+# world size 1, DTensor parameters): the grouped-GEMM experts path as `distributed.engine: fsdp2` runs it
+VARIANTS = ("deltamoe", "deltamoe-fsdp2", "deltamoe-eager", "stock-grouped_mm", "stock-eager")
 
 
 def peak_tflops(name: str) -> float | None:

@@ -100,14 +100,21 @@ def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocas
         from deltamoe.train.policy import apply_policy
 
         model.config.use_cache = False
-        impl = variant.split("-", 1)[1] if "-" in variant else "auto"
+        fsdp2 = variant.endswith("-fsdp2")  # FSDP2 as `distributed.engine: fsdp2` applies it (world size 1)
+        impl = variant.removesuffix("-fsdp2").split("-", 1)[1] if variant.count("-") > fsdp2 else "auto"
         layout = split_and_map(model, moe, open_checkpoint(model_dir), experts_implementation=impl)  # as load_for_training
         apply_policy(model, layout, PostPretrainTrainable())
+        if fsdp2:
+            from deltamoe.train import distributed as dist_engine
+
+            dist_engine.shard(model, device, 1)
         cap = RouterCapture(layout.routed_layers)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
         def expert0():
-            return [lay.experts.gate_up(0).detach().clone() for lay in layout.layers]
+            from deltamoe.train.distributed import _local
+
+            return [_local(lay.experts.gate_up(0)).detach().clone() for lay in layout.layers]
 
         def step(ids):
             with ctx(), cap.capture():

@@ -166,3 +166,22 @@ def stock_measure(model_dir: Path, text: str, max_tokens: int = 400) -> tuple[fl
         out = model(ids, output_router_logits=True)
     lm = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:]).item()
     return lm, [(lg.argmax(-1) == 0).float().mean().item() for lg in out.router_logits]
+
+
+def torchrun_train(config: dict, path: Path, nproc: int, *args: str, timeout: int = 300):
+    """Write ``config`` to ``path`` and run ``deltamoe train`` on ``nproc`` CPU processes (torchrun,
+    gloo, one compute thread each); return the completed process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    bindir = Path(sys.executable).parent
+    torchrun = shutil.which("torchrun", path=str(bindir)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), "--no-python", str(bindir / "deltamoe"),
+           "train", str(path), "--quiet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -388,6 +388,31 @@ def demo(
     run_demo(workdir, log=typer.echo)
 
 
+data_app = typer.Typer(help="Training data: pre-tokenised packs for large corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("pack")
+@_reports_errors
+def data_pack(
+    config: Annotated[Path, typer.Argument(help="Training config (YAML) whose data.sources to tokenise.")],
+    out: Annotated[Path, typer.Argument(help="Output directory of the pack.")],
+    workers: Annotated[int | None, typer.Option(help="Tokenising worker processes (default: CPU count).")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Expected tokenizer (refused unless it is the model's).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Tokenise a training config's sources once into memory-mapped shards; point data.pack at OUT."""
+    from deltamoe.train.pack import pack
+
+    if workers is not None and workers < 1:
+        raise typer.BadParameter("--workers must be at least 1")
+    path = pack(config, out, workers=workers, tokenizer=tokenizer, force=force, progress=not quiet)
+    typer.echo(f"wrote {path}")
+
+
 @app.command("train")
 @_reports_errors
 def train_(

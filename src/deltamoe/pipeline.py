@@ -75,7 +75,9 @@ def _param_counts(path: Path) -> dict[str, int]:
 
 
 def _tokens_per_step(train: dict[str, Any], data: dict[str, Any]) -> int:
-    return int(train.get("micro_batch_size", 8)) * int(train.get("grad_accum", 1)) * int(data["seq_len"])
+    # sequences per optimizer step; grad_accum x micro_batch_size counts one process's share only
+    per_step = train.get("global_batch") or int(train.get("micro_batch_size", 8)) * int(train.get("grad_accum", 1))
+    return int(per_step) * int(data["seq_len"])
 
 
 def check_train_sections(recipe: Recipe, source: str) -> None:
@@ -109,12 +111,21 @@ def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
     return {"steps": c.steps or 2 * phase.steps, "lr": c.lr or phase.lr, "batch_size": c.batch_size or phase.batch_size}
 
 
+def _spec(stage: Any) -> dict[str, Any]:
+    """A training stage's sections; an empty ``distributed`` is left out (cache keys stay as they were)."""
+    return {k: v for k, v in stage.model_dump().items() if k != "distributed" or v}
+
+
 def _dense_spec(recipe: Recipe) -> dict[str, Any]:
-    return {
+    spec = {
         "data": recipe.dense_cpt.data or recipe.train.post_pretrain.data,
         "train": {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train},
         "logging": recipe.dense_cpt.logging,
     }
+    engine = recipe.dense_cpt.distributed or recipe.train.post_pretrain.distributed
+    if engine:  # only when given: cache keys of recipes without it stay as they were
+        spec["distributed"] = engine
+    return spec
 
 
 def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
@@ -195,12 +206,12 @@ def build_plan(
 
         return run
 
-    pp = recipe.train.post_pretrain.model_dump()
+    pp = _spec(recipe.train.post_pretrain)
     add("post_pretrain", "train", {"stage": "post_pretrain", **pp, "seed": recipe.seed},
         {"model": "upcycle", **toy_role}, trainer("post_pretrain", pp))
     moe_final = "post_pretrain"
     if recipe.train.router_review is not None:
-        rr = recipe.train.router_review.model_dump()
+        rr = _spec(recipe.train.router_review)
         add("router_review", "train", {"stage": "router_review", **rr, "seed": recipe.seed},
             {"model": "post_pretrain", **toy_role}, trainer("router_review", rr))
         moe_final = "router_review"
@@ -266,8 +277,8 @@ def build_plan(
             (Path(str(out) + ".run") / "budget.json").write_text(json.dumps(budget, indent=2))
 
         add("dense_cpt_budget", "train", {"stage": "dense_cpt", "budget": "moe_flops", **dense_spec,
-                                          "moe": [recipe.train.post_pretrain.model_dump(),
-                                                  recipe.train.router_review.model_dump() if recipe.train.router_review else None],
+                                          "moe": [_spec(recipe.train.post_pretrain),
+                                                  _spec(recipe.train.router_review) if recipe.train.router_review else None],
                                           "upcycle": up_params, "seed": recipe.seed},
             {"model": base_ref, **toy_role}, budget_cpt)
         add("budget_matched", "merge", {"method": "paramdelta"},

@@ -116,6 +116,7 @@ class TrainSpec(_Strict):
     trainable: dict[str, Any] = Field(default_factory=dict)
     checkpoint: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
+    distributed: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainStages(_Strict):
@@ -129,6 +130,7 @@ class DenseCptSpec(_Strict):
     data: dict[str, Any] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
+    distributed: dict[str, Any] | None = Field(None, description="Default: stage 1's.")
 
 
 class GraftSpec(_Strict):
@@ -340,9 +342,11 @@ class _Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.state: Any = None
         if self.world > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # accelerate sets up a CPU process group (gloo) only when told to use the CPU
+            self.state = PartialState(cpu=not torch.cuda.is_available())
 
     @property
     def is_main(self) -> bool:

@@ -8,7 +8,9 @@ new languages; load balancing) or ``router_review`` (routers only, language-prio
 - losses.py: next-token, load-balancing and LPR losses; routing statistics
 - model.py: loading with one parameter per expert (frozen experts stay bit-identical), writing
 - policy.py: what trains
-- loop.py: the accelerate loop (DDP/FSDP/DeepSpeed, bf16, accumulation, checkpoints, logs)
+- loop.py: the accelerate loop (bf16, accumulation, checkpoints, logs)
+- distributed.py: the engines (DDP, FSDP2 applied with fully_shard, DeepSpeed ZeRO-3)
+- pack.py: pre-tokenised data (``deltamoe data pack``) and the stream that reads it
 
 Nothing heavy is imported until it is used.
 """

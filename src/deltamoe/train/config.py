@@ -61,6 +61,10 @@ class SourceConfig(_Strict):
 
 class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
+    pack: str | None = Field(
+        None,
+        description="A packed dataset of these sources (deltamoe data pack): read it instead of tokenising them.",
+    )
     seq_len: int = Field(gt=1, description="Tokens per packed training sequence.")
     heldout_fraction: float = Field(
         0.01, ge=0.0, lt=1.0, description="Share of each source's documents held out (chosen by a seeded hash)."
@@ -98,6 +102,12 @@ class TrainingConfig(_Strict):
     )
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    global_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per optimizer step over all processes; grad_accum is then derived "
+        "(global_batch / (micro_batch_size x processes)), so any process count trains on the same batches.",
+    )
     lr: float = Field(1e-4, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -114,6 +124,39 @@ class TrainingConfig(_Strict):
         "auto",
         description="MoE expert forward: grouped_mm (one grouped GEMM per projection; CUDA, bf16), eager "
         "(a loop over experts, bit-identical to transformers' eager experts), auto = grouped_mm where it runs.",
+    )
+
+
+    @model_validator(mode="after")
+    def _one_batch(self) -> TrainingConfig:
+        if self.global_batch is not None and "grad_accum" in self.model_fields_set:
+            raise ValueError("give train.grad_accum or train.global_batch, not both")
+        if self.global_batch is not None and self.global_batch % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch ({self.global_batch}) is not a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+    def accumulation(self, processes: int) -> int:
+        """Micro-batches per optimizer step on each of ``processes`` processes."""
+        if self.global_batch is None:
+            return self.grad_accum
+        per_step = self.micro_batch_size * processes
+        if self.global_batch % per_step:
+            raise UsageError(
+                f"train.global_batch ({self.global_batch}) is not a multiple of train.micro_batch_size x processes "
+                f"({self.micro_batch_size} x {processes}); change micro_batch_size or the process count"
+            )
+        return self.global_batch // per_step
+
+
+class DistributedConfig(_Strict):
+    engine: Literal["ddp", "fsdp2", "zero3"] = Field(
+        "ddp",
+        description="ddp: every process holds the model (torchrun or accelerate launch); fsdp2: torch's "
+        "fully_shard per decoder layer and the root, under torchrun (CPU/gloo or GPUs); zero3: DeepSpeed "
+        "ZeRO-3 through accelerate launch --config_file recipes/accelerate/zero3.yaml (GPUs).",
     )
 
 
@@ -179,6 +222,7 @@ class _StageConfig(_Strict):
     seed: int = 0
     data: DataConfig
     train: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -260,6 +304,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         data["sources"] = [
             {**s, "path": fix(s["path"])} if isinstance(s, dict) and "path" in s else s for s in data["sources"]
         ]
+        if isinstance(data.get("pack"), str):
+            data["pack"] = fix(data["pack"])
         out["data"] = data
     ck = out.get("checkpoint")
     if isinstance(ck, dict) and isinstance(ck.get("resume"), str) and ck["resume"] not in ("auto", "never"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import random
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,8 +283,10 @@ class TrainStream:
         self.docs = {i: _Doc(cfg.sources[i], langs) for i in self.train}
         self.rng = random.Random(seed)
         self.cursor = {i: {"epoch": 0, "record": 0, "docs": 0, "tokens": 0} for i in self.train}
-        self.buf_ids: list[int] = []
-        self.buf_langs: list[int] = []
+        # documents (or their tails) not yet cut into sequences: (tokens, language); the tokens are
+        # a list here and a lazy span of a packed dataset in PackedStream (read only where needed)
+        self.buf: deque[tuple[Any, int]] = deque()
+        self.buf_len = 0
         self.done: set[int] = set()
         self.pool: list[tuple[list[int], int]] = []  # shuffle buffer of tokenised documents
         self.pool_rng = random.Random(f"{seed}:shuffle")
@@ -296,11 +299,30 @@ class TrainStream:
             "cursor": {str(k): dict(v) for k, v in self.cursor.items()},
             "rng": [st[0], list(st[1]), st[2]],
             "pool_rng": [pst[0], list(pst[1]), pst[2]],
-            "pool": [[list(ids), lang] for ids, lang in self.pool],
-            "buf_ids": list(self.buf_ids),
-            "buf_langs": list(self.buf_langs),
+            "pool": [[self._dump(ids), lang] for ids, lang in self.pool],
+            **self._buf_state(),
             "done": sorted(self.done),
         }
+
+    def _dump(self, ids: Any) -> Any:
+        return list(ids)
+
+    def _load(self, ids: Any) -> Any:
+        return list(ids)
+
+    def _buf_state(self) -> dict[str, Any]:
+        """The buffer as flat token and language lists (the format of earlier checkpoints)."""
+        ids = [t for seg, _ in self.buf for t in seg]
+        langs = [lang for seg, lang in self.buf for _ in range(len(seg))]
+        return {"buf_ids": ids, "buf_langs": langs}
+
+    def _load_buf(self, state: Mapping[str, Any]) -> None:
+        ids, langs = list(state["buf_ids"]), list(state["buf_langs"])
+        start = 0
+        for k in range(1, len(ids) + 1):  # one segment per run of one language
+            if k == len(ids) or langs[k] != langs[start]:
+                self.buf.append((ids[start:k], langs[start]))
+                start = k
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.cursor = {int(k): dict(v) for k, v in state["cursor"].items()}
@@ -310,9 +332,10 @@ class TrainStream:
         self.rng.setstate((r[0], tuple(r[1]), r[2]))
         r = state["pool_rng"]
         self.pool_rng.setstate((r[0], tuple(r[1]), r[2]))
-        self.pool = [(list(ids), int(lang)) for ids, lang in state["pool"]]
-        self.buf_ids = list(state["buf_ids"])
-        self.buf_langs = list(state["buf_langs"])
+        self.pool = [(self._load(ids), int(lang)) for ids, lang in state["pool"]]
+        self.buf = deque()
+        self._load_buf(state)
+        self.buf_len = sum(len(seg) for seg, _ in self.buf)
         self.done = set(state["done"])
         self._iters = {}
 
@@ -390,26 +413,46 @@ class TrainStream:
 
     def _fill(self, need: int) -> bool:
         """Read documents until the buffer holds ``need`` tokens; False if the stream ended."""
-        while len(self.buf_ids) < need:
+        while self.buf_len < need:
             item = self._next_shuffled()
             if item is None:
                 return False
             ids, lang = item
-            self.buf_ids += ids
-            self.buf_langs += [lang] * len(ids)
+            if len(ids):
+                self.buf.append((ids, lang))
+                self.buf_len += len(ids)
         return True
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``n`` sequences: input ids [n, L] and token languages [n, L].
+    def _tokens(self, seg: Any) -> torch.Tensor:
+        return torch.tensor(seg, dtype=torch.long)
+
+    def take(self, n: int, keep: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``n`` sequences of the global stream: input ids and token languages, [n, L] each,
+        or only the rows ``keep`` (in that order; the others are skipped, and a packed dataset
+        reads only the kept rows' tokens).
 
         Raises StopIteration when token budgets are used up.
         """
         seq = self.cfg.seq_len
         if not self._fill(n * seq):
             raise StopIteration
-        ids = torch.tensor(self.buf_ids[: n * seq], dtype=torch.long).view(n, seq)
-        lang = torch.tensor(self.buf_langs[: n * seq], dtype=torch.long).view(n, seq)
-        del self.buf_ids[: n * seq], self.buf_langs[: n * seq]
+        rows = list(range(n)) if keep is None else list(keep)
+        where = {r: i for i, r in enumerate(rows)}
+        ids = torch.empty(len(rows), seq, dtype=torch.long)
+        lang = torch.empty(len(rows), seq, dtype=torch.long)
+        pos, need = 0, n * seq
+        while pos < need:
+            seg, tag = self.buf.popleft()
+            k = min(len(seg), need - pos)
+            for r in range(pos // seq, (pos + k - 1) // seq + 1):  # the rows this piece covers
+                if r in where:
+                    lo, hi = max(pos, r * seq), min(pos + k, (r + 1) * seq)
+                    ids[where[r], lo - r * seq : hi - r * seq] = self._tokens(seg[lo - pos : hi - pos])
+                    lang[where[r], lo - r * seq : hi - r * seq] = tag
+            if k < len(seg):
+                self.buf.appendleft((seg[k:], tag))
+            pos += k
+        self.buf_len -= need
         return ids, lang
 
 

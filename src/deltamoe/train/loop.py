@@ -1,7 +1,8 @@
 """The training loop of both stages, on accelerate.
 
-accelerate supplies the process group and the model wrapper (DDP, FSDP or DeepSpeed, chosen by
-``accelerate launch --config_file``; plain ``torchrun`` gives DDP), mixed precision, gradient
+accelerate supplies the process group and the model wrapper (DDP, or DeepSpeed chosen by
+``accelerate launch --config_file``; FSDP2 is applied by deltamoe.train.distributed when the config
+says ``distributed.engine: fsdp2``), mixed precision, gradient
 accumulation without needless all-reduces (``accumulate``), gradient clipping and the
 collectives for logging. The loop itself is short: every process reads the same global stream
 of packed sequences and takes its slice of each global batch, so a run on N processes sees the
@@ -9,8 +10,8 @@ same data per optimizer step as a run on one process with N times the accumulati
 
 Resumable checkpoints hold the trainable parameters, the optimizer state (safetensors; nothing
 is pickled), the random state and the data stream's position; resuming continues bit-for-bit
-where the interrupted run would have been. Under FSDP/DeepSpeed, whose optimizer state is
-sharded, accelerate's ``save_state``/``load_state`` are used instead.
+where the interrupted run would have been. Under FSDP2 the checkpoint is sharded with
+``torch.distributed.checkpoint``; under DeepSpeed accelerate's ``save_state``/``load_state`` are used.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch
 
 from deltamoe.errors import CheckpointError, DataError, UsageError
 from deltamoe.train import data as D
+from deltamoe.train import distributed as dist_engine
+from deltamoe.train import pack as P
 from deltamoe.train import losses as L
 from deltamoe.train.config import AnyStageConfig, load_config
 from deltamoe.train.model import Layout, RouterCapture, load_for_training, write_trained
@@ -62,13 +65,12 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
             f"launched as {world} processes (WORLD_SIZE), but accelerate set up {acc.num_processes}; "
             "launch with torchrun or accelerate launch"
         )
-    for kind in ("FSDP", "DEEPSPEED"):
-        asked = os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
-        if asked and acc.distributed_type.name != kind:
-            raise UsageError(
-                f"the accelerate config asks for {kind}, but accelerate set up {acc.distributed_type.name} "
-                f"({kind} needs GPUs); launch with torchrun for data parallel training on CPUs"
-            )
+    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if asked and acc.distributed_type.name != "DEEPSPEED":
+        raise UsageError(
+            f"the accelerate config asks for DEEPSPEED, but accelerate set up {acc.distributed_type.name} "
+            "(DEEPSPEED needs GPUs); launch with torchrun for data parallel (ddp) or sharded (fsdp2) training on CPUs"
+        )
     # an accelerate config file can override both through the environment; the config must win
     want = "bf16" if precision == "bf16" else "no"
     deepspeed = acc.distributed_type.name == "DEEPSPEED"  # precision lives in the DeepSpeed config there
@@ -98,7 +100,10 @@ def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str
 
 def _config_digest(cfg: AnyStageConfig) -> tuple[str, dict[str, Any]]:
     """Digest of everything that determines the trained weights (not logging, paths of outputs)."""
-    keep = cfg.model_dump(mode="json", exclude={"output", "run_dir", "checkpoint", "logging"})
+    # the engine and the process count do not change the data per step (checked on resume instead)
+    keep = cfg.model_dump(mode="json", exclude={"output", "run_dir", "checkpoint", "logging", "distributed"})
+    if keep["train"].get("global_batch") is None:
+        keep["train"].pop("global_batch", None)  # digests of configs without it stay as they were
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest(), keep
 
 
@@ -150,9 +155,11 @@ def _save_checkpoint(
 
     root = cfg.resolved_run_dir / "checkpoints"
     final = root / f"step-{run.step:07d}"
-    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+    fmt = dist_engine.CHECKPOINT_FORMAT[cfg.distributed.engine]
     meta = {
-        "format": "accelerate" if sharded else "deltamoe",
+        "format": fmt,
+        "engine": cfg.distributed.engine,
+        "processes": acc.num_processes,
         "step": run.step,
         "tokens": run.tokens,
         "heldout_before": run.heldout_before,
@@ -162,13 +169,17 @@ def _save_checkpoint(
         "param_names": names,
         "data": stream.state_dict(),
     }
-    if sharded:
+    if fmt != "deltamoe":  # sharded: every process writes its part into one shared directory
         tmp = root / f".tmp-step-{run.step:07d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        if fmt == "dcp":
+            dist_engine.save_sharded(tmp, model, optimizer)
+        else:
+            acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
+            save_file(_rng_state(), str(tmp / "rng.safetensors"))
             (tmp / _STATE).write_text(json.dumps(meta))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -185,9 +196,7 @@ def _save_checkpoint(
                 for k, v in st.items()
                 if torch.is_tensor(v)
             }
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available():
-                tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+            tensors.update(_rng_state())
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             meta["param_groups"] = osd["param_groups"]
             (tmp / _STATE).write_text(json.dumps(meta))
@@ -197,6 +206,19 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
 
 
 def _find_resume(cfg: AnyStageConfig) -> Path | None:
@@ -212,8 +234,26 @@ def _find_resume(cfg: AnyStageConfig) -> Path | None:
     return path
 
 
-def _read_resume_meta(path: Path, digest: str, cfg: AnyStageConfig, global_batch: int) -> dict[str, Any]:
-    meta = json.loads((path / _STATE).read_text())
+def _read_resume_meta(
+    path: Path, digest: str, cfg: AnyStageConfig, global_batch: int, processes: int
+) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / _STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / _STATE}: unreadable ({type(e).__name__}: {e})") from None
+    engine = meta.get("engine", "zero3" if meta["format"] == "accelerate" else "ddp")
+    if engine != cfg.distributed.engine:
+        raise UsageError(
+            f"{path}: written by distributed.engine {engine}, this run uses {cfg.distributed.engine}; its "
+            f"optimizer state is in that engine's format: resume with distributed.engine: {engine}, or set "
+            "checkpoint.resume: never to start over"
+        )
+    saved_procs = meta.get("processes", processes)
+    if engine == "zero3" and saved_procs != processes:
+        raise UsageError(
+            f"{path}: a DeepSpeed ZeRO-3 checkpoint of {saved_procs} processes, now {processes}; DeepSpeed's "
+            "partitioned optimizer state loads only on the same process count (ddp and fsdp2 checkpoints load on any)"
+        )
     if meta["config_digest"] != digest:
         changed = _diff(meta["config"], _config_digest(cfg)[1])
         raise UsageError(
@@ -250,9 +290,18 @@ def _load_own_checkpoint(path: Path, meta: dict[str, Any], model: Any, optimizer
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+    _set_rng_state(tensors)
+
+
+def _load_dcp_checkpoint(path: Path, meta: dict[str, Any], model: Any, optimizer: Any, names: list[str]) -> None:
+    from safetensors.torch import load_file
+
+    if meta["param_names"] != names:
+        raise CheckpointError(
+            f"{path}: trains other parameters than this run; start over with checkpoint.resume: never"
+        )
+    dist_engine.load_sharded(path, model, optimizer)
+    _set_rng_state(load_file(str(path / "rng.safetensors")))
 
 
 # -- logging -----------------------------------------------------------------------------
@@ -423,23 +472,26 @@ def train(
     if len(tokenizer) > vocab:
         raise CheckpointError(f"{ckpt.path}: the tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
     coef_balance, coef_lpr = getattr(cfg.losses, "balance", 0.0), getattr(cfg.losses, "lpr", 0.0)
-    if moe is None:  # dense: the languages are those the sources name (for per-language evaluation)
-        allocation: dict[str, list[int]] = {s.lang: [] for s in cfg.data.sources if s.lang}
-        langs = D.Languages(allocation, kind="sources")
-    else:
-        allocation = {k: list(v) for k, v in (moe.get("allocation") or {}).items()}
-        if coef_lpr > 0 and not allocation:
-            raise UsageError(
-                f"losses.lpr = {coef_lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
-                "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
-            )
-        langs = D.Languages(allocation)
+    langs = P.languages(cfg, moe)  # dense: the sources' languages (for per-language evaluation)
+    allocation = {k: list(v) for k, v in langs.allocation.items()}
+    if moe is not None and coef_lpr > 0 and not allocation:
+        raise UsageError(
+            f"losses.lpr = {coef_lpr} needs a language -> expert allocation, and {ckpt.path} has none; "
+            "upcycle with --allocate (e.g. --allocate en=0 --allocate el=1,2) or set losses.lpr: 0"
+        )
     lang_names = langs.names
-    D.check_sources(cfg.data, langs)
+    packed = P.Pack(cfg.data.pack) if cfg.data.pack else None
+    if packed is not None:  # the raw sources need not be here
+        packed.check(cfg.data, cfg.seed, tokenizer, langs)
+    else:
+        D.check_sources(cfg.data, langs)
+    engine = cfg.distributed.engine
+    dist_engine.check_engine(engine)
+    accum = cfg.train.accumulation(int(os.environ.get("WORLD_SIZE", "1")))
 
-    acc = _accelerator(cfg.train.precision, cfg.train.grad_accum)
+    acc = _accelerator(cfg.train.precision, accum)
     world, rank = acc.num_processes, acc.process_index
-    mb, accum, seq = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len
+    mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     global_batch = mb * accum * world
     available = D.budget_sequences(cfg.data)
     total_steps = cfg.train.steps or (available // global_batch if available is not None else 0)
@@ -453,6 +505,10 @@ def train(
 
     from accelerate.utils import set_seed
 
+    # a checkpoint that cannot be resumed is refused before the model is loaded
+    digest, _ = _config_digest(cfg)
+    resume = _find_resume(cfg)
+    meta = _read_resume_meta(resume, digest, cfg, global_batch, world) if resume is not None else None
     set_seed(cfg.seed)
     hashes = hash_in_background(ckpt) if acc.is_main_process else None
     show = cfg.logging.progress if progress is None else progress
@@ -469,6 +525,8 @@ def train(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if engine == "fsdp2":  # before the optimizer: fully_shard replaces the parameters by sharded ones
+        model = dist_engine.shard(model, acc.device, world)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied aliases appear once
     names = [n for n, _ in named]
     decay = [p for n, p in named if p.dim() >= 2]
@@ -489,23 +547,28 @@ def train(
         scheduler_specific_kwargs=extra,
     )
 
-    heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
-    stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
-    digest, _ = _config_digest(cfg)
+    if packed is not None:
+        heldout = packed.heldout(cfg.data)
+        stream: D.TrainStream = P.PackedStream(cfg.data, packed, tokenizer, langs, cfg.seed)
+    else:
+        heldout = D.build_heldout(cfg.data, tokenizer, langs, cfg.seed)
+        stream = D.TrainStream(cfg.data, tokenizer, langs, cfg.seed)
     run = _Run()
-    resume = _find_resume(cfg)
-    meta: dict[str, Any] | None = None
-    if resume is not None:
-        meta = _read_resume_meta(resume, digest, cfg, global_batch)
+    if meta is not None:
         if meta["format"] == "deltamoe":
             _load_own_checkpoint(resume, meta, model, optimizer, names)
     elif cfg.checkpoint.resume == "never" and acc.is_main_process:
         # starting over: old checkpoints of this run_dir must not be resumed or outlive new ones
         shutil.rmtree(cfg.resolved_run_dir / "checkpoints", ignore_errors=True)
-    model, optimizer = acc.prepare(model, optimizer)
+    if engine == "fsdp2":  # sharded already; accelerate handles the optimizer's accumulation steps
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     if meta is not None:
         if meta["format"] == "accelerate":
             acc.load_state(str(resume))
+        elif meta["format"] == "dcp":
+            _load_dcp_checkpoint(resume, meta, model, optimizer, names)
         stream.load_state_dict(meta["data"])
         run = _Run(step=meta["step"], tokens=meta["tokens"], heldout_before=meta.get("heldout_before"))
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
@@ -525,7 +588,13 @@ def train(
         file=sys.stderr,
         disable=not (show and acc.is_main_process),
     )
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 swaps them
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding and prepare
+
+    def clip(ps: list[torch.Tensor], max_norm: float) -> float:
+        if engine == "fsdp2":
+            return dist_engine.clip_grad_norm(ps, max_norm)
+        gn = acc.clip_grad_norm_(ps, max_norm)
+        return float(gn) if gn is not None else float("nan")  # DeepSpeed clips itself
     if acc.is_main_process:
         logger.log(
             {
@@ -534,6 +603,7 @@ def train(
                 "stage": cfg.stage,
                 "processes": world,
                 "distributed": acc.distributed_type.name,
+                "engine": engine,
                 "precision": cfg.train.precision,
                 "global_batch": global_batch,
                 "total_steps": total_steps,
@@ -560,17 +630,17 @@ def train(
     grad_norm = float("nan")
     t_last, tok_last = time.perf_counter(), run.tokens
     start_step = run.step
+    mine = [(j * world + rank) * mb + r for j in range(accum) for r in range(mb)]
     model.train()
     try:
         while run.step < total_steps:
-            try:
-                ids_all, lang_all = stream.take(global_batch)
+            try:  # this process's rows of the global batch: micro-batch j is rows (j * world + rank) * mb ...
+                ids_mine, lang_mine = stream.take(global_batch, keep=mine)
             except StopIteration:
                 raise DataError("the data stream ended before the planned number of steps") from None
             for j in range(accum):
-                lo = (j * world + rank) * mb
-                ids = ids_all[lo : lo + mb].to(acc.device)
-                tok_lang = lang_all[lo : lo + mb].reshape(-1).to(acc.device)
+                ids = ids_mine[j * mb : (j + 1) * mb].to(acc.device)
+                tok_lang = lang_mine[j * mb : (j + 1) * mb].reshape(-1).to(acc.device)
                 with acc.accumulate(model):
                     with capture.capture():
                         logits = model(input_ids=ids, use_cache=False).logits
@@ -584,8 +654,7 @@ def train(
                     total = coef.lm * lm + coef_balance * bal + coef_lpr * lpr
                     acc.backward(total)
                     if acc.sync_gradients and cfg.train.max_grad_norm is not None:
-                        gn = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                        grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips itself
+                        grad_norm = clip(params, cfg.train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([total.detach(), lm.detach(), bal.detach(), lpr.detach()]).double()
@@ -631,7 +700,7 @@ def train(
                 return None
         final_eval = evaluate(run.step) if len(heldout) else None
 
-        state = acc.get_state_dict(model)
+        state = dist_engine.full_state_dict(model) if engine == "fsdp2" else acc.get_state_dict(model)
         if acc.is_main_process:
             summary = {
                 "steps": run.step,
