@@ -101,6 +101,18 @@ def check_disk(path: str | os.PathLike[str], need: int, what: str) -> None:
         )
 
 
+def checkpoint_bytes(specs: Any, aux: Any = ()) -> int:
+    """Bytes a checkpoint directory takes: tensor data, headers and index (~256 bytes per tensor),
+    the tokenizer and config files in ``aux`` (paths) and ~16 KB of config, manifest and card."""
+    specs = list(specs)
+    return sum(s.nbytes for s in specs) + 256 * len(specs) + sum(Path(a).stat().st_size for a in aux) + 2**14
+
+
+def check_output_disk(out: Path, specs: Any, aux: Any = ()) -> None:
+    """Enough free disk for a checkpoint of ``specs`` (plus ``aux`` files) at ``out``."""
+    check_disk(out, checkpoint_bytes(specs, aux), "the output")
+
+
 def os_error_message(e: OSError, out: Path) -> str:
     """One line for an OSError raised while writing ``out`` (full disk, quota, I/O error...)."""
     where = f" ({e.filename})" if e.filename else ""
