@@ -375,9 +375,6 @@ def check_recipe_inputs(recipe: Recipe, rdir: Path, source: str, stages: list[St
     from deltamoe.delta import parse_experts
     from deltamoe.preflight import writable_dir
 
-    if recipe.models is not None:
-        for role in ("base", "post"):
-            _check_model(getattr(recipe.models, role), rdir, f"{source}: models.{role}")
     toy_out = next((s.out for s in stages if s.kind == "toy_build"), None)
     toy = toy_out if toy_out is not None and toy_out.is_dir() else None
     missing: list[str] = []
@@ -401,6 +398,13 @@ def check_recipe_inputs(recipe: Recipe, rdir: Path, source: str, stages: list[St
                                  "every training stage (or remove budget_matched from baselines)")
     writable_dir(workdir, f"{source}: workdir")
     return missing
+
+
+def check_recipe_models(recipe: Recipe, rdir: Path, source: str) -> None:
+    """models.base and models.post: local supported checkpoints, or Hub ids (fetched when needed)."""
+    if recipe.models is not None:
+        for role in ("base", "post"):
+            _check_model(getattr(recipe.models, role), rdir, f"{source}: models.{role}")
 
 
 def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
@@ -456,6 +460,7 @@ def run_recipe(
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
     check_train_sections(recipe, str(path))
+    check_recipe_models(recipe, rdir, str(path))  # before build_plan fingerprints them
     stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=True)
     missing = check_recipe_inputs(recipe, rdir, str(path), stages, workdir)
     if missing and not dry_run:
