@@ -375,14 +375,7 @@ def check_recipe_inputs(recipe: Recipe, rdir: Path, source: str, stages: list[St
     from deltamoe.delta import parse_experts
     from deltamoe.preflight import writable_dir
 
-    toy_out = next((s.out for s in stages if s.kind == "toy_build"), None)
-    toy = toy_out if toy_out is not None and toy_out.is_dir() else None
-    missing: list[str] = []
-    for where, spec in _train_sections(recipe):
-        for i, src in enumerate(spec.get("data", {}).get("sources") or []):
-            path = src.get("path") if isinstance(src, dict) else None
-            if isinstance(path, str) and ("{toy}" not in path or toy is not None):
-                missing += _missing_data(_sub(path, toy), f"{source}: {where}.data.sources.{i}.path")
+    missing = _missing_sources(recipe, stages, source)
     if recipe.eval.toy_data and not Path(recipe.eval.toy_data).expanduser().is_dir():
         raise UsageError(f"{source}: eval.toy_data: {recipe.eval.toy_data}: no such directory")
     e = recipe.upcycle.experts
@@ -428,6 +421,19 @@ def _check_model(ref: str, rdir: Path, where: str) -> None:
             arch.arch_for(ck.config, source=str(Path(path) / "config.json"))
     except DeltaMoEError as e:
         raise UsageError(f"{where}: {e}") from None
+
+
+def _missing_sources(recipe: Recipe, stages: list[StageRun], source: str) -> list[str]:
+    """Data paths of the training stages that do not exist ('{toy}' paths once the toy is built)."""
+    toy_out = next((s.out for s in stages if s.kind == "toy_build"), None)
+    toy = toy_out if toy_out is not None and toy_out.is_dir() else None
+    missing: list[str] = []
+    for where, spec in _train_sections(recipe):
+        for i, src in enumerate(spec.get("data", {}).get("sources") or []):
+            path = src.get("path") if isinstance(src, dict) else None
+            if isinstance(path, str) and ("{toy}" not in path or toy is not None):
+                missing += _missing_data(_sub(path, toy), f"{source}: {where}.data.sources.{i}.path")
+    return missing
 
 
 def _missing_data(path: str, where: str) -> list[str]:
