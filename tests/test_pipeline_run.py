@@ -110,6 +110,22 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_dry_run_disk_estimate_is_within_20_percent_of_what_the_run_writes(run_dir: Path, tmp_path: Path) -> None:
+    recipe = run_dir / "recipe.yaml"
+    if not (run_dir / "results.json").is_file():
+        run_recipe(recipe, progress=False, log=lambda m: None)
+    fresh = tmp_path / "fresh"  # the same recipe with an empty work directory: nothing cached
+    fresh.mkdir()
+    shutil.copy(recipe, fresh / "recipe.yaml")
+    plan = run_recipe(fresh / "recipe.yaml", dry_run=True, log=lambda m: None)
+    assert not any(p["cached"] for p in plan["plan"])
+    written = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    ratio = plan["est_total_bytes"] / written
+    print(f"dry-run estimate {plan['est_total_bytes']} bytes, the run wrote {written} bytes (ratio {ratio:.3f})")
+    assert 0.8 <= ratio <= 1.2, (plan["est_total_bytes"], written)
+
+
+@pytest.mark.slow
 def test_killed_mid_stage_resumes_to_the_same_bytes(run_dir: Path) -> None:
     recipe = run_dir / "recipe.yaml"
     before = json.loads((run_dir / "results.json").read_text())

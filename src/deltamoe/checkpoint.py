@@ -35,6 +35,16 @@ from typing import Any
 import torch
 
 from deltamoe.errors import CheckpointError, OutputError
+from deltamoe.preflight import (
+    apply_umask,
+    broken_link_message,
+    check_shard_size,
+    is_broken_link,
+    os_error_message,
+    remove_stale_temporaries,
+    temp_prefix,
+    writable_dir,
+)
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -120,60 +130,123 @@ class TensorInfo:
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header; return it and the offset where the data section starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n} is invalid)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little")
+            text = f.read(n) if len(raw) == 8 and 0 < n <= _MAX_HEADER else b""
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read this shard ({e.strerror or e})") from None
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{path}: not a safetensors file (header length {n} is invalid)")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header, 8 + n
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[TensorSpec, int, int]:
+    try:
+        code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+    if code not in _DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has dtype {code}, which deltamoe does not handle "
+            f"(supported: {', '.join(_DTYPES)})"
+        )
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (*shape, begin, end))
+    if not ints or any(d < 0 for d in shape):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} (shape and offsets must be "
+                              "non-negative integers)")
+    spec = TensorSpec(name, code, shape)
+    if not (0 <= begin <= end <= data_len) or end - begin != spec.nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ({code}, shape {list(shape)}) has data offsets "
+            f"[{begin}, {end}) that do not fit its size or the file; the file is truncated or corrupt"
+        )
+    return spec, begin, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """Tensors must tile the data section exactly, as the safetensors library requires: sorted by
+    offset, each starts where the previous one ends (no overlap, no gap) and the last ends the file."""
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise CheckpointError(
+                f"{path}: tensors {prev!r} and {name!r} overlap (bytes [{begin}, {pos}) belong to both); "
+                "the header is corrupt and reading it would give wrong values"
+            )
+        if begin > pos:
+            raise CheckpointError(f"{path}: {begin - pos} bytes before tensor {name!r} belong to no tensor "
+                                  "(offsets are not contiguous); the header is corrupt")
+        pos, prev = end, name
+    if pos != data_len:
+        raise CheckpointError(f"{path}: the data section holds {data_len} bytes but the tensors cover {pos}; "
+                              "the file is truncated or corrupt")
 
 
 def _parse_shard(path: Path) -> dict[str, TensorInfo]:
     header, data_start = _read_header(path)
     data_len = path.stat().st_size - data_start
     out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if code not in _DTYPES:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {code}, which deltamoe does not handle "
-                f"(supported: {', '.join(_DTYPES)})"
-            )
-        spec = TensorSpec(name, code, shape)
-        if not (0 <= begin <= end <= data_len) or end - begin != spec.nbytes:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ({code}, shape {list(shape)}) has data offsets "
-                f"[{begin}, {end}) that do not fit its size or the file; the file is truncated or corrupt"
-            )
+        spec, begin, end = _parse_entry(path, name, entry, data_len)
+        spans.append((begin, end, name))
         out[name] = TensorInfo(spec, path, data_start + begin)
+    _check_layout(path, spans, data_len)
     return out
 
 
-def resolve_model(spec: str | os.PathLike[str]) -> Path:
-    """Turn a local path or a Hugging Face Hub id into a local checkpoint directory.
+def model_ref(spec: str | os.PathLike[str], base_dir: Path | None = None) -> tuple[str, Path | str]:
+    """Classify a model argument without fetching anything: ``("local", path)`` or ``("hub", repo_id)``.
+
+    The rule: a path that exists (relative to ``base_dir`` first, then to the working directory)
+    is local. ``hf://owner/name`` is always a Hub id. Otherwise the text is a Hub id only if it is
+    exactly ``owner/name``, does not start with ``.``, ``/`` or ``~``, and ``owner`` is not a local
+    directory (then it is a mistyped local path). A symbolic link that loops or dangles is an error.
+    """
+    text = str(spec)
+    if text.startswith("hf://"):
+        return "hub", text[5:]
+    cands = [Path(text).expanduser()]
+    if base_dir is not None and not cands[0].is_absolute():
+        cands.insert(0, base_dir / cands[0])
+    for c in cands:
+        if is_broken_link(c):
+            raise CheckpointError(broken_link_message(c))
+        if c.exists():
+            return "local", c
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text}: no such directory (and it is not a Hugging Face Hub id)")
+    owner = next((c.parent for c in cands if c.parent.is_dir()), None)
+    if owner is not None:
+        raise CheckpointError(
+            f"{text}: no such directory. {owner} exists locally, so this is taken as a mistyped local path, "
+            f"not as a Hugging Face Hub id; check the path, or write hf://{text} to fetch it from the Hub"
+        )
+    return "hub", text
+
+
+def resolve_model(spec: str | os.PathLike[str], base_dir: Path | None = None) -> Path:
+    """Turn a local path or a Hugging Face Hub id (see :func:`model_ref`) into a local directory.
 
     Hub ids are fetched with ``huggingface_hub`` (config, safetensors and tokenizer files only).
     """
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    text = str(spec)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"{text}: no such directory (and it is not a Hugging Face Hub id)")
+    kind, ref = model_ref(spec, base_dir)
+    if kind == "local":
+        return Path(ref)
+    text = str(ref)
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "*.safetensors", INDEX_NAME, *TOKENIZER_FILES]
@@ -181,8 +254,8 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
         return Path(snapshot_download(repo_id=text, allow_patterns=patterns))
     except Exception as e:  # hub errors have many types: offline, DNS, auth, 404
         raise CheckpointError(
-            f"{text}: not a local directory, and fetching it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Without network access, download the model elsewhere "
+            f"{text}: there is no local directory of that name, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). Check the path; without network access, download the model elsewhere "
             f"(safetensors, config and tokenizer files) and pass its local path."
         ) from None
 
@@ -359,8 +432,7 @@ class ShardedWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         metadata: Mapping[str, str] | None = None,
     ):
-        if max_shard_bytes <= 0:
-            raise ValueError("max_shard_bytes must be positive")
+        check_shard_size(max_shard_bytes, "max_shard_bytes")
         self.directory = Path(directory)
         groups: list[list[TensorSpec]] = []
         size = 0
@@ -509,17 +581,13 @@ class ShardedWriter:
 def check_output(out: str | os.PathLike[str], *, force: bool) -> Path:
     """Fail early (before any heavy work) if ``out`` exists without ``force`` or is unwritable."""
     out = Path(out).absolute()
+    if is_broken_link(out):
+        raise OutputError(broken_link_message(out))
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; refusing to replace it")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{out}: cannot write there ({parent} is not a directory)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: cannot write there ({parent} is not writable)")
+    writable_dir(out.parent, str(out))
     return out
 
 
@@ -528,25 +596,32 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool = False) -> It
     """Yield a temporary sibling directory that replaces ``out`` only if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and
-    ``out`` is left exactly as it was.
+    ``out`` is left exactly as it was; an OSError (a full disk...) becomes an :class:`OutputError`.
+    The temporary directory's name records this process's host and pid, so that the next run
+    writing ``out`` removes those of killed runs (and only those). The output honours the umask.
     """
     out = check_output(out, force=force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_stale_temporaries(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
     try:
         yield tmp
+        apply_umask(tmp)
         if out.exists():
             if not force:  # appeared while we were working
                 raise OutputError(f"{out}: was created by someone else during this run; not replacing it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(os_error_message(e, out)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

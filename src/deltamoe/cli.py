@@ -1,7 +1,8 @@
 """The ``deltamoe`` command line: each command parses, validates and calls one library function.
 
-Only this module turns exceptions into exit codes: 1 for a problem with the input (the message
-says what to fix), 130 for an interruption.
+Only this module turns exceptions into exit codes: 1 for a problem with the input, the output or a
+resource such as free disk (one ``error:`` line that says what to fix, never a traceback), 130 for
+Ctrl-C and 143 for SIGTERM.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def _reports_errors(fn: F) -> F:
         except DeltaMoEError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+        except OSError as e:  # a system error outside any output directory (reading an input...)
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
+        except Terminated:
+            typer.echo("interrupted; no output was written", err=True)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; no output was written", err=True)
             raise typer.Exit(130) from None
@@ -49,14 +57,23 @@ def _reports_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (through the atomic-output cleanup) but exits 143."""
+
+
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count."""
+    """'5GB', '500MB', '2GiB' or a plain byte count (positive)."""
+    from deltamoe.errors import UsageError
+
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not m:
-        raise typer.BadParameter(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 1000000")
+        raise UsageError(f"--shard-size: cannot parse size {text!r}; use e.g. 5GB, 500MB or 1000000")
     base = 1024 if m[3] else 1000
     power = " KMGT".index(m[2].upper() or " ")
-    return int(float(m[1]) * base**power)
+    n = int(float(m[1]) * base**power)
+    if n <= 0:
+        raise UsageError(f"--shard-size must be positive, got {text!r}; use e.g. 5GB or 500MB")
+    return n
 
 
 class RouterInitChoice(str, Enum):
@@ -458,7 +475,7 @@ def _root(
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # unwinds through the atomic-output cleanup
+    raise Terminated  # unwinds through the atomic-output cleanup
 
 
 def main() -> None:

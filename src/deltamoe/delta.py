@@ -43,6 +43,7 @@ from deltamoe.checkpoint import (
 )
 from deltamoe.engine import Out, Read, Step, add32, diff32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
+from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import (
     hash_in_background,
     new_manifest,
@@ -343,6 +344,7 @@ def extract_delta(
     """
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+    check_shard_size(max_shard_bytes)
     out_path = check_output(out, force=force)
     b, p = open_checkpoint(base), open_checkpoint(post)
     src = PairDelta(b, p)
@@ -360,6 +362,7 @@ def extract_delta(
             if n in added:
                 yield from added_rows_steps(src, n, "post", None)
 
+    check_output_disk(out_path, specs, p.aux_files())
     hashes = hash_in_background(b, p)
     with atomic_output_dir(out_path, force=force) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata={"deltamoe": "delta"})
@@ -512,6 +515,7 @@ def graft(
     check_new_rows(new_rows)
     if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
         raise UsageError(f"--scale must be a finite number, got {scale!r}")
+    check_shard_size(max_shard_bytes)
     out_path = check_output(out, force=force)
     m = open_checkpoint(moe)
     m_manifest, moe_info = _moe_block(m)
@@ -519,7 +523,8 @@ def graft(
     src, to_hash = open_delta_source(base, post, delta)
     base_src = f"{src.label} (base config)"
     spec = arch.arch_for(src.base_config, source=base_src)
-    if moe_info["family"] != spec.family or m.config.get("model_type") != spec.moe_model_type:
+    family_ok = moe_info["family"] in (src.base_config.get("model_type"), spec.family)  # older: the table name
+    if not family_ok or m.config.get("model_type") != spec.moe_model_type:
         raise ArchitectureError(
             f"{m.path}: is a {m.config.get('model_type')} MoE upcycled from the {moe_info['family']!r} family, "
             f"but the base is a {src.base_config.get('model_type')} model ({spec.family!r} family -> "
@@ -620,6 +625,7 @@ def graft(
             else:
                 yield from _shared_steps(m, src, s.name, new_rows)
 
+    check_output_disk(out_path, specs, src.aux.aux_files())
     inputs_ckpts = [m, *to_hash]
     hashes = hash_in_background(*inputs_ckpts)
     with atomic_output_dir(out_path, force=force) as tmp:

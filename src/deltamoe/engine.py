@@ -91,6 +91,9 @@ class Step:
 
     reads: Sequence[Read]
     compute: Callable[[list[torch.Tensor]], Iterable[Out]]
+    # Check the inputs for NaN/Inf before computing: for computations that can drop a non-finite
+    # entry (TIES's sign election, magnitude pruning), where checking the result is not enough.
+    check_inputs: bool = False
 
 
 def _row_bytes(spec: TensorSpec) -> int:
@@ -231,6 +234,24 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def check_finite_tensors(ckpt: Checkpoint, names: Iterable[str] | None = None) -> None:
+    """Refuse NaN/Inf in the floating-point tensors of ``ckpt``, read in row chunks (bounded memory);
+    the error names the tensor, the file and the first bad index."""
+    reader = _Reader()
+    try:
+        for name in names if names is not None else ckpt.keys():
+            spec = ckpt.spec(name)
+            if not is_float(spec.dtype):
+                continue
+            for a, b in row_chunks(spec.shape):
+                r = Read(ckpt, name, a, b)
+                t = reader.read(r)
+                if not _finite(t):
+                    raise _blame(Step([r], lambda ts: []), [t], name)
+    finally:
+        reader.close()
+
+
 def _blame(step: Step, tensors: list[torch.Tensor], name: str) -> CheckpointError:
     """The error for a non-finite result: name the input tensor (and file) that holds NaN/Inf."""
     for r, t in zip(step.reads, tensors):
@@ -325,6 +346,8 @@ def run_steps(
             fill()
             tensors = [uniq[i] for i in index]
             del uniq
+            if check_finite and step.check_inputs and not all(_finite(t) for t in tensors if t.is_floating_point()):
+                raise _blame(step, tensors, "(inputs)")
             outs = list(step.compute(tensors))
             if sum(_SCRATCH.owns(t) for _, _, t in outs) > 1:
                 raise RuntimeError("a step yielded several pieces in the scratch buffer (add32(scratch=True)); "

@@ -63,6 +63,7 @@ from deltamoe.delta import (
 )
 from deltamoe.engine import Out, Read, Step, add32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
+from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
 Method = Literal["paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
@@ -235,6 +236,7 @@ def merge(
         raise UsageError(f"--method {method} needs --base B")
     if normalize is None:
         normalize = method == "ties"
+    check_shard_size(max_shard_bytes)
     out_path = check_output(out, force=force)
 
     b = open_checkpoint(base) if base is not None else None
@@ -336,11 +338,12 @@ def merge(
                         mean.add(o)
                     return [(n, a, o)]
 
-                yield Step(reads, compute)
+                yield Step(reads, compute, check_inputs=sparse is not None)  # TIES/DARE drop NaNs
             if grown:
                 assert tok_vec is not None
                 yield from added_rows_steps(tok_vec.src, n, new_rows, mean)
 
+    check_output_disk(out_path, specs, tok_ckpt.aux_files())
     to_hash = [*([b] if b is not None else []), *ckpts, *([art.ckpt] if art is not None else [])]
     hashes = hash_in_background(*to_hash)
     planned = {s.name: s for s in specs}

@@ -26,11 +26,11 @@ import functools
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from deltamoe.errors import UsageError
+from deltamoe.preflight import human
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
 
 SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe",
@@ -139,7 +139,7 @@ def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
         if spec is not None:
             steps = spec.train.get("steps")
             if steps is None:
-                raise ValueError("budget_matched needs explicit train.steps in every training stage")
+                raise UsageError("budget_matched needs explicit train.steps in every training stage")
             moe_tokens += int(steps) * _tokens_per_step(spec.train, spec.data)
     dense_train = {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train}
     dense_data = recipe.dense_cpt.data or recipe.train.post_pretrain.data
@@ -340,10 +340,7 @@ def _ext(p: str, recipe_dir: Path) -> Path:
     """A model given in the recipe: a path relative to the recipe, an absolute path, or a Hub id."""
     from deltamoe.checkpoint import resolve_model
 
-    cand = Path(p).expanduser()
-    if not cand.is_absolute() and (recipe_dir / cand).exists():
-        return recipe_dir / cand
-    return resolve_model(p)
+    return resolve_model(p, recipe_dir)
 
 
 def ref_path(ref: str, stages: dict[str, StageRun], recipe_dir: Path) -> Path:
@@ -355,15 +352,11 @@ def ref_path(ref: str, stages: dict[str, StageRun], recipe_dir: Path) -> Path:
 
 
 def clean_stale_temporaries(workdir: Path) -> int:
-    """Remove temporary directories left by a killed run (they are never read)."""
-    n = 0
+    """Remove temporary directories left by killed runs (their owning process is gone), saying so."""
+    from deltamoe.preflight import remove_stale_temporaries
+
     root = workdir / "stages"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
-                n += 1
-    return n
+    return remove_stale_temporaries(root) if root.is_dir() else 0
 
 
 def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
@@ -388,49 +381,112 @@ def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
-def _dense_sizes(recipe: Recipe, recipe_dir: Path) -> tuple[int, int] | None:
-    """(dense bytes, FFN bytes over all layers) of B, estimated from its config (Llama-like layout)."""
+def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> dict[str, int | None]:
+    """Bytes each stage writes (see :mod:`deltamoe.estimate`), or None where B's config is not known."""
+    from deltamoe.estimate import MOE_STAGES, Shape, stage_bytes
+
     c = _base_config(recipe, recipe_dir)
     if c is None:
-        return None
-    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    heads = c["num_attention_heads"]
-    hd = c.get("head_dim") or h // heads
-    kv = c.get("num_key_value_heads", heads) * hd
-    per_layer = 2 * h * heads * hd + 2 * h * kv + 3 * h * i + 2 * h
-    params = n * per_layer + (1 if c.get("tie_word_embeddings") else 2) * v * h + h
-    width = {"float32": 4}.get(str(c.get("torch_dtype", c.get("dtype", "bfloat16"))), 2)
-    return params * width, n * 3 * h * i * width
+        return {s.name: None for s in stages}
+    shape = Shape.from_config(c)
+    toy = recipe.toy.size if recipe.toy else None
+    return {s.name: stage_bytes(s, shape, recipe.upcycle.experts, toy, set(MOE_STAGES)) for s in stages}
 
 
-def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> dict[str, int | None]:
-    sizes = _dense_sizes(recipe, recipe_dir)
-    est: dict[str, int | None] = {}
-    for s in stages:
-        if sizes is None:
-            est[s.name] = None
-            continue
-        dense, ffn = sizes
-        moe = dense + (recipe.upcycle.experts - 1) * ffn
-        if s.kind in ("upcycle", "graft") or s.name in ("post_pretrain", "router_review"):
-            est[s.name] = moe
-        elif s.kind in ("merge", "train", "toy_sft"):
-            est[s.name] = dense
-        elif s.kind == "toy_build":
-            est[s.name] = 2 * dense + 50 * 2**20
-        else:
-            est[s.name] = 2**20
-    return est
+def _report_estimate(recipe: Recipe, ctx: dict[str, Any]) -> int:
+    from deltamoe.estimate import report_bytes
+
+    systems = ctx["systems"]
+    langs = len(recipe.languages.original) + len(recipe.languages.new)
+    return report_bytes(len(systems), langs, sum(1 for s in ("moe_lpr", "deltamoe") if s in systems))
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+    return "unknown" if n is None else human(n)
+
+
+def check_recipe_inputs(recipe: Recipe, rdir: Path, source: str, stages: list[StageRun], workdir: Path) -> list[str]:
+    """Everything a run needs that can be checked before its first stage: models, data, options, workdir.
+
+    Raises for what is wrong; returns the data paths that do not exist (yet): a dry run lists them
+    (real-scale recipes are checked before their corpora are downloaded), a run refuses to start.
+    """
+    from deltamoe.delta import parse_experts
+    from deltamoe.preflight import writable_dir
+
+    missing = _missing_sources(recipe, stages, source)
+    if recipe.eval.toy_data and not Path(recipe.eval.toy_data).expanduser().is_dir():
+        raise UsageError(f"{source}: eval.toy_data: {recipe.eval.toy_data}: no such directory")
+    e = recipe.upcycle.experts
+    try:
+        parse_experts(recipe.graft.experts, {"num_experts": e, "original_experts": [0],
+                                             "new_experts": list(range(1, e))})
+    except UsageError as err:
+        raise UsageError(f"{source}: graft.experts: {str(err).removeprefix('--experts: ')}") from None
+    if "budget_matched" in recipe.baselines:
+        for where, spec in _train_sections(recipe)[:2]:
+            if where.startswith("train.") and not spec.get("train", {}).get("steps"):
+                raise UsageError(f"{source}: {where}.train.steps: baseline budget_matched needs explicit steps in "
+                                 "every training stage (or remove budget_matched from baselines)")
+    writable_dir(workdir, f"{source}: workdir")
+    return missing
+
+
+def check_recipe_models(recipe: Recipe, rdir: Path, source: str) -> None:
+    """models.base and models.post: local supported checkpoints, or Hub ids (fetched when needed)."""
+    if recipe.models is not None:
+        for role in ("base", "post"):
+            _check_model(getattr(recipe.models, role), rdir, f"{source}: models.{role}")
+
+
+def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
+    out = [("train.post_pretrain", recipe.train.post_pretrain.model_dump())]
+    if recipe.train.router_review is not None:
+        out.append(("train.router_review", recipe.train.router_review.model_dump()))
+    out.append(("dense_cpt", _dense_spec(recipe)))
+    return out
+
+
+def _check_model(ref: str, rdir: Path, where: str) -> None:
+    """A local model must be a supported safetensors checkpoint; a Hub id is fetched when the run needs it."""
+    from deltamoe import arch
+    from deltamoe.checkpoint import Checkpoint, model_ref
+    from deltamoe.errors import DeltaMoEError
+
+    try:
+        kind, path = model_ref(ref, rdir)
+        if kind == "local":
+            ck = Checkpoint(path)
+            arch.arch_for(ck.config, source=str(Path(path) / "config.json"))
+    except DeltaMoEError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _missing_sources(recipe: Recipe, stages: list[StageRun], source: str) -> list[str]:
+    """Data paths of the training stages that do not exist ('{toy}' paths once the toy is built)."""
+    toy_out = next((s.out for s in stages if s.kind == "toy_build"), None)
+    toy = toy_out if toy_out is not None and toy_out.is_dir() else None
+    missing: list[str] = []
+    for where, spec in _train_sections(recipe):
+        for i, src in enumerate(spec.get("data", {}).get("sources") or []):
+            path = src.get("path") if isinstance(src, dict) else None
+            if isinstance(path, str) and ("{toy}" not in path or toy is not None):
+                missing += _missing_data(_sub(path, toy), f"{source}: {where}.data.sources.{i}.path")
+    return missing
+
+
+def _missing_data(path: str, where: str) -> list[str]:
+    import glob
+
+    p = Path(path).expanduser()
+    return [] if p.exists() or glob.glob(str(p)) else [f"{where}: {path}: no such file, directory or glob match"]
+
+
+def _check_disk(workdir: Path, need: int | None, source: str) -> None:
+    from deltamoe.preflight import check_disk
+
+    if need:
+        check_disk(workdir, need, f"{source}: the stages still to run")
 
 
 def run_recipe(
@@ -449,19 +505,32 @@ def run_recipe(
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
     check_train_sections(recipe, str(path))
-    stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=dry_run)
+    check_recipe_models(recipe, rdir, str(path))  # before build_plan fingerprints them
+    stages, workdir, ctx = build_plan(recipe, rdir, progress=progress, local_only=True)
+    missing = check_recipe_inputs(recipe, rdir, str(path), stages, workdir)
+    if missing and not dry_run:
+        raise UsageError(f"{missing[0]} (the run needs every data path before it starts"
+                         + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else "") + ")")
     est = estimate_disk(stages, recipe, rdir)
     plan = [{"stage": s.name, "kind": s.kind, "key": s.key, "cached": s.out.is_dir(), "est_bytes": est[s.name],
              "out": str(s.out)} for s in stages]
+    todo = [p["est_bytes"] for p in plan if not p["cached"]]
+    total = None if any(b is None for b in todo) else sum(todo) + _report_estimate(recipe, ctx)
+    _check_disk(workdir, total, str(path))
     if dry_run:
-        log(f"recipe {path}: valid. Work directory {workdir}")
+        if missing:
+            log(f"recipe {path}: valid, but {len(missing)} data path(s) do not exist yet; the run refuses to start "
+                "until they do:")
+            for m in missing:
+                log(f"  missing: {m}")
+        else:
+            log(f"recipe {path}: valid. Work directory {workdir}")
         for i, p in enumerate(plan, 1):
             log(f"  {i:2d}. {p['stage']:18} {'cached' if p['cached'] else 'to run':7} ~{_human(p['est_bytes']):>9}  {p['key']}")
-        todo = [p["est_bytes"] for p in plan if not p["cached"]]
-        total = None if any(b is None for b in todo) else sum(todo)
-        log(f"  estimated new disk use: {_human(total)} (plus training checkpoints: ~3x each trained model)")
-        return {"workdir": str(workdir), "plan": plan, "executed": [], "est_total_bytes": total}
+        log(f"  estimated new disk use: {_human(total)} (stage outputs, training logs and step checkpoints, report)")
+        return {"workdir": str(workdir), "plan": plan, "executed": [], "est_total_bytes": total, "missing": missing}
 
+    stages, workdir, ctx = build_plan(recipe, rdir, progress=progress)  # keys external models by content
     workdir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(workdir)
     by_name = {s.name: s for s in stages}

@@ -221,7 +221,11 @@ def _format_errors(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown field (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            from deltamoe.preflight import unknown_field_hint
+
+            msg = "unknown field" + (unknown_field_hint(Recipe, tuple(err["loc"])) or " (check its spelling)")
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 

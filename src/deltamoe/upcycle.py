@@ -40,7 +40,9 @@ from deltamoe.checkpoint import (
     torch_dtype,
     write_json,
 )
+from deltamoe.engine import check_finite_tensors
 from deltamoe.errors import CheckpointError, UsageError
+from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
 RouterInit = Literal["random", "zero"]
@@ -273,6 +275,7 @@ def upcycle(
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     alloc = _check_allocation(allocation or {}, num_experts)
+    check_shard_size(max_shard_bytes)
     out_path = check_output(out, force=force)
     return_large_frees_to_os()
 
@@ -302,7 +305,7 @@ def upcycle(
         "max_shard_bytes": max_shard_bytes,
     }
     moe_info = {
-        "family": spec.family,
+        "family": ckpt.config.get("model_type", spec.family),  # the dense family: mistral, not llama
         "architecture": spec.moe_architecture,
         "num_experts": num_experts,
         "top_k": top_k,
@@ -318,6 +321,8 @@ def upcycle(
             "inert": [i.name for i in spec.inert],
         },
     }
+    check_output_disk(out_path, plan.specs, ckpt.aux_files())
+    check_finite_tensors(ckpt)  # refused, not copied: NaN/Inf would spread into every expert
     hashes = hash_in_background(ckpt)
     total = sum(s.nbytes for s in plan.specs)
     with atomic_output_dir(out_path, force=force) as tmp:

@@ -12,6 +12,7 @@ from typing import Any
 
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.evaluate.suite import MC_TASKS, QA_TASKS, check_suite, find_toy_data, load_toy_suite
+from deltamoe.preflight import writable_dir
 
 RESULTS_NAME = "results.json"
 # What the evaluator measures and records; part of the eval stages' cache key in `deltamoe run`, so
@@ -77,9 +78,14 @@ def evaluate(
     from deltamoe.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model_path)  # checks config and safetensors shards, refuses pickles
+    require_causal_lm(ckpt.config, model_path)
     data_path = find_toy_data(model_path, data)
     toy = load_toy_suite(data_path, languages, max_items)
     out_path = Path(out) if out is not None else default_out(model_path, suite)
+    writable_dir(out_path, "--out (where results.json goes)")
+    from deltamoe.engine import check_finite_tensors
+
+    check_finite_tensors(ckpt)  # a NaN weight would give NaN perplexities, not an error
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,6 +177,21 @@ def _accuracy(row: dict[str, Any], name: str, records: list[dict[str, Any]]) -> 
     row[name] = correct / n if n else math.nan
     row[f"{name}_n"] = n
     row[f"{name}_ci"] = list(wilson_interval(correct, n))
+
+
+def require_causal_lm(config: dict[str, Any], model_path: Path) -> None:
+    """Perplexity and generation are only meaningful for a causal (decoder) language model: a BERT
+    checkpoint would load with a fresh LM head and give a plausible-looking but meaningless score."""
+    archs = config.get("architectures") or []
+    causal = [a for a in archs if isinstance(a, str) and (
+        a.endswith("ForCausalLM") or (a.endswith("LMHeadModel") and config.get("is_decoder", True)))]
+    if not causal:
+        named = ", ".join(map(str, archs)) or "none"
+        raise CheckpointError(
+            f"{model_path / 'config.json'}: architectures = {named} (model_type {config.get('model_type')!r}) is not a "
+            "causal language model (a ...ForCausalLM class); eval scores only causal LMs, such as the models "
+            "deltamoe writes"
+        )
 
 
 def _moe_block(model_path: Path) -> dict[str, Any]:

@@ -313,40 +313,42 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+_STAGE_CLASSES: dict[str, Any] = {
+    "post_pretrain": PostPretrainConfig, "router_review": RouterReviewConfig, "dense_cpt": DenseCptConfig,
+}
+
+
 def _fields_at(stage: str | None, loc: tuple[Any, ...]) -> list[str]:
     """Valid field names of the model at ``loc`` (for 'did you mean' suggestions)."""
-    cls: Any = {
-        "post_pretrain": PostPretrainConfig,
-        "router_review": RouterReviewConfig,
-        "dense_cpt": DenseCptConfig,
-    }.get(stage or "")
-    if cls is None:
-        return []
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        elif inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
-            cls = inner[0]  # list[SourceConfig]
-        else:
-            return []
-    return list(cls.model_fields)
+    from deltamoe.preflight import fields_at
+
+    cls = _STAGE_CLASSES.get(stage or "")
+    return fields_at(cls, loc) if cls is not None else []
 
 
-def _format_errors(e: ValidationError, source: str) -> str:
+def _from_override(loc: tuple[Any, ...], overrides: list[str]) -> str | None:
+    """The ``--set`` item that set the field at ``loc`` (or a section above it), if any."""
+    path = [str(p) for p in loc]
+    for item in reversed(overrides):
+        parts = item.partition("=")[0].strip().split(".")
+        if parts and path[: len(parts)] == parts:
+            return item
+    return None
+
+
+def _format_errors(e: ValidationError, source: str, overrides: list[str] | None = None) -> str:
     lines = []
+    blamed = 0
     for err in e.errors():
         loc = tuple(err["loc"])
         stage = loc[0] if loc and loc[0] in STAGES else None
         if stage:
             loc = loc[1:]
         where = ".".join(str(p) for p in loc) or "(top level)"
+        item = _from_override(loc, overrides or [])
+        if item is not None:  # the command line, not the YAML file, holds this value
+            where = f"--set {item}: {where}"
+            blamed += 1
         kind = err["type"]
         if kind == "extra_forbidden":
             known = _fields_at(stage, loc[:-1])
@@ -361,6 +363,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
             lines.append(f"{where}: required field is missing")
         else:
             lines.append(f"{where}: {err['msg']}")
+    if blamed == len(lines):
+        source = "command line"
     return f"{source}: invalid training config:\n  " + "\n  ".join(lines)
 
 
@@ -423,7 +427,7 @@ def load_config(
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as e:
-        raise UsageError(_format_errors(e, source)) from None
+        raise UsageError(_format_errors(e, source, overrides)) from None
 
 
 def config_schema() -> dict[str, Any]:

@@ -426,6 +426,17 @@ def _evaluate(
 
 
 # -- the loop ----------------------------------------------------------------------------
+def _check_disk(cfg: AnyStageConfig, ckpt: Any, trainable: int, stop_after: int | None) -> None:
+    """Room for the output (the input's size) and for the step checkpoints (trainable weights and
+    two AdamW moments in float32, ``keep_last`` of them), before the first step."""
+    from deltamoe.preflight import check_disk, checkpoint_bytes
+
+    specs = [t.spec for t in ckpt.tensors.values()]
+    check_disk(cfg.output, checkpoint_bytes(specs, ckpt.aux_files()), "the trained model")
+    if cfg.checkpoint.every or stop_after:
+        check_disk(cfg.resolved_run_dir, cfg.checkpoint.keep_last * 12 * trainable, "the step checkpoints")
+
+
 def train(
     config: str | os.PathLike[str] | dict[str, Any] | AnyStageConfig,
     *,
@@ -450,14 +461,18 @@ def train(
     from transformers import AutoTokenizer, get_scheduler
 
     from deltamoe.checkpoint import atomic_output_dir, check_output, copy_aux_files, open_checkpoint
+    from deltamoe.engine import check_finite_tensors
+    from deltamoe.preflight import writable_dir
     from deltamoe.provenance import hash_in_background, new_manifest, read_manifest, write_manifest, write_model_card
 
     cfg = load_config(config, overrides)
     if stop_after is not None and stop_after <= 0:
         raise UsageError(f"stop_after must be positive, got {stop_after}")
     out_path = check_output(cfg.output, force=force)
+    writable_dir(cfg.resolved_run_dir, "run_dir (logs and step checkpoints)")
     ckpt = open_checkpoint(cfg.model)
     moe = _require_moe(ckpt.path, read_manifest(ckpt.path), cfg.stage)
+    check_finite_tensors(ckpt)  # NaN/Inf weights would train into a NaN model
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cfg.data.seq_len > max_pos:
         raise UsageError(
@@ -518,6 +533,7 @@ def train(
     policy = apply_policy(model, layout, cfg.trainable)
     if policy.trainable_params == 0:
         raise UsageError("trainable: nothing trains in this model with these settings")
+    _check_disk(cfg, ckpt, policy.trainable_params, stop_after)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: frozen embeddings would cut the gradient with the reentrant variant
         kwargs = {"use_reentrant": False}

@@ -1,0 +1,107 @@
+"""Disk use of a recipe's stages, planned from byte counts before anything runs (``run --dry-run``).
+
+Models: tensor bytes from B's config (the MoE adds E - 1 FFN copies and a router per layer), plus
+~200 bytes of header and index per tensor, the tokenizer (~40 bytes per vocabulary entry) and
+~8 KB of config, manifest and model card. Training stages add their run directory (logs, and
+``keep_last`` step checkpoints of the trainable weights with two AdamW moments in float32).
+Evaluations, the toy world's corpora and the report are sized from their item counts, with
+per-item byte counts measured on the micro toy run (tested there to be within 20 % of what the
+run writes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+_PER_TENSOR = 200  # safetensors header entry + index line
+_PER_VOCAB = 40  # tokenizer.json bytes per vocabulary entry
+_MODEL_FILES = 8_000  # config, deltamoe.json, README.md, chat template, generation config
+_LOG_BYTES = 10_000  # train.jsonl
+_STATE_BYTES = 20_000  # state.json of a step checkpoint (data stream position, rng)
+_EVAL_BYTES = 10_000  # results.json + predictions.jsonl of a capped evaluation
+_PLOT_BYTES = 60_000  # one report plot or routing heatmap (PNG)
+_RESULT_BYTES = 800  # results.json per system and language
+MOE_STAGES = ("upcycle", "post_pretrain", "router_review", "deltamoe")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need of B's config."""
+
+    params: int
+    ffn_params: int  # all layers
+    layers: int
+    hidden: int
+    vocab: int
+    tensors: int
+    width: int  # bytes per stored element
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> Shape:
+        h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        heads = c["num_attention_heads"]
+        hd = c.get("head_dim") or h // heads
+        kv = c.get("num_key_value_heads", heads) * hd
+        per_layer = 2 * h * heads * hd + 2 * h * kv + 3 * h * i + 2 * h
+        tied = bool(c.get("tie_word_embeddings"))
+        params = n * per_layer + (1 if tied else 2) * v * h + h
+        width = 4 if str(c.get("torch_dtype", c.get("dtype", "bfloat16"))) == "float32" else 2
+        return cls(params, n * 3 * h * i, n, h, v, n * 9 + (2 if tied else 3), width)
+
+    def model_dir(self, tensor_bytes: int, tensors: int) -> int:
+        return tensor_bytes + _PER_TENSOR * tensors + _PER_VOCAB * self.vocab + _MODEL_FILES
+
+    def dense(self) -> int:
+        return self.model_dir(self.params * self.width, self.tensors)
+
+    def moe(self, experts: int) -> int:
+        extra = (experts - 1) * self.ffn_params + experts * self.hidden * self.layers
+        return self.model_dir((self.params + extra) * self.width, self.tensors + self.layers * (3 * experts - 2))
+
+    def trainable(self, stage: str, experts: int) -> int:
+        routers = experts * self.hidden * self.layers
+        return {"post_pretrain": (experts - 1) * self.ffn_params + routers, "router_review": routers}.get(
+            stage, self.params)
+
+
+def run_dir_bytes(shape: Shape, stage: str, experts: int, checkpoint: dict[str, Any]) -> int:
+    """A training stage's ``<out>.run``: logs and the step checkpoints it keeps."""
+    if not checkpoint.get("every"):
+        return _LOG_BYTES
+    keep = int(checkpoint.get("keep_last", 2))
+    return _LOG_BYTES + keep * (3 * 4 * shape.trainable(stage, experts) + _STATE_BYTES)
+
+
+def toy_bytes(size: str, shape: Shape) -> int:
+    """A toy build: its models (B, the post-trained models, the second architecture's pair), the
+    tokenizer, corpora and evaluation sets (document and item counts from its config)."""
+    from deltamoe.toy import SIZES
+    from deltamoe.toy.builder import model_names
+
+    cfg = SIZES[size]
+    cpt_docs = 3 * cfg.cpt_docs * (1 + cfg.replay_fraction)
+    chat = 210 * cfg.chat_examples * 5  # chat.jsonl and chat_all.jsonl (four languages)
+    qa_items = cfg.eval_rc + cfg.n_people * 5 * cfg.eval_fraction
+    evals = 4 * (420 * qa_items + 330 * 2 * cfg.mc_items + 190 * cfg.eval_ppl_docs)
+    corpora = 190 * cpt_docs + chat + evals
+    models = len(model_names(cfg)) * shape.dense()
+    return int(models + _PER_VOCAB * shape.vocab + 4_000 + corpora + 1_300 * cfg.n_people + 4_000)
+
+
+def stage_bytes(stage: Any, shape: Shape, experts: int, toy_size: str | None, moe_systems: set[str]) -> int:
+    """Bytes that ``stage`` (a :class:`deltamoe.recipe.StageRun`) writes: its output and run directory."""
+    if stage.kind == "toy_build":
+        return toy_bytes(toy_size or "small", shape)
+    if stage.kind == "eval":
+        return _EVAL_BYTES + (_PLOT_BYTES if stage.inputs.get("model") in moe_systems else 0)
+    out = shape.moe(experts) if stage.name in MOE_STAGES else shape.dense()  # train, merge, toy_sft
+    if stage.kind == "train":
+        out += run_dir_bytes(shape, stage.params["stage"], experts, stage.params.get("checkpoint") or {})
+    return out
+
+
+def report_bytes(systems: int, languages: int, moe_systems: int) -> int:
+    """report.md, results.json and the plots (accuracy, trade-off, training loss, one heatmap per MoE)."""
+    return 8_000 + _RESULT_BYTES * systems * languages + _PLOT_BYTES * (3 + moe_systems)
