@@ -141,7 +141,7 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
     assert "eval-ceiling" in stages and SYSTEM_ORDER[-1] == "ceiling"
     # the ceiling needs the toy world's chat data: refused by name for real models, left out by default
     r = _demo()
-    del r["toy"]
+    del r["toy"], r["baselines"]
     r["models"] = {"base": "b", "post": "p"}
     r["eval"]["suites"] = ["lm_eval"]
     r["eval"]["lm_eval_tasks"] = ["belebele_ell_Grek"]

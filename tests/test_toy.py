@@ -341,6 +341,13 @@ def test_shipped_set_materialises_with_the_manifest_bytes(toy_small: Path) -> No
 
 
 # -- the regime targets and the sanity pattern (the shipped set) ---------------------------------
+# Targets the shipped set misses, stated in docs/toy-world.md and the README. The second
+# architecture's base was pre-trained with the first's schedule, and its original-language loss
+# still fell 2.3 % in the last 20 % of it (the threshold is 2 %). Listed here so that the test
+# fails when a rebuilt set meets it, and the entry has to go.
+KNOWN_MISSES = {("qwen3-base", "late_gain")}
+
+
 @pytest.mark.slow
 def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
     from deltamoe.toy.regime import TARGETS
@@ -349,12 +356,15 @@ def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
     for c in toy_small_regime["checks"]:
         _, threshold, op, _ = TARGETS[c["target"]]
         v = c["value"]
-        assert {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op], c
+        met = {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op]
+        assert met != ((c["model"], c["target"]) in KNOWN_MISSES), c
         seen.add(c["target"])
     assert seen == set(TARGETS)
     # every model of the build was checked: both bases, all three post-trained models
     assert {c["model"] for c in toy_small_regime["checks"]} == {"base", "instruct", "instruct2", "qwen3-base",
                                                                 "qwen3-instruct"}
+    # the demo's architecture (Llama) meets every target
+    assert all(c["ok"] for c in toy_small_regime["checks"] if c["model"] in ("base", "instruct", "instruct2"))
 
 
 @pytest.mark.slow
@@ -365,12 +375,22 @@ def test_regime_matches_the_shipped_record(toy_small: Path, toy_small_regime: di
     assert shipped["checks"] == toy_small_regime["checks"]
 
 
-@pytest.mark.slow
-def test_second_delta_differs_from_the_first(toy_small_regime: dict) -> None:
-    posts = toy_small_regime["archs"]["base"]["posts"]
-    d1, d2 = posts["instruct"]["delta_norm"]["all"], posts["instruct2"]["delta_norm"]["all"]
-    assert 0 < d1 < 0.5 and 0 < d2 < 0.5
-    assert abs(d1 - d2) > 0.05 * max(d1, d2) or posts["instruct"] != posts["instruct2"]
+def test_second_delta_differs_from_the_first() -> None:
+    """Δ₂ = P₂ − B is another delta, not a rescaled Δ₁: both small, and far from parallel (cosine over
+    every weight well below 1)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from deltamoe.toy.shipped import shipped_dir
+
+    d = shipped_dir("small", 0)
+    assert d is not None
+    b, p1, p2 = (load_file(str(d / m / "model.safetensors")) for m in ("base", "instruct", "instruct2"))
+    d1 = torch.cat([(p1[k] - b[k]).flatten().double() for k in b])
+    d2 = torch.cat([(p2[k] - b[k]).flatten().double() for k in b])
+    b_norm = torch.cat([t.flatten().double() for t in b.values()]).norm()
+    assert 0 < d1.norm() / b_norm < 0.5 and 0 < d2.norm() / b_norm < 0.5
+    assert float(d1 @ d2 / (d1.norm() * d2.norm())) < 0.9
 
 
 @pytest.mark.slow

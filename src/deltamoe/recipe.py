@@ -194,7 +194,8 @@ class Recipe(_Strict):
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError("baselines lists a system twice")
         if "baselines" in self.model_fields_set and "ceiling" in self.baselines and self.toy is None:
-            raise ValueError("baselines: 'ceiling' needs the toy world (chat data in every language)")
+            raise ValueError("baselines: 'ceiling' needs the toy world (chat data in every language); "
+                             "remove it from baselines or use 'toy'")
         return self
 
     @property
