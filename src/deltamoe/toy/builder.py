@@ -324,7 +324,9 @@ def _train_into(staging: Path, final: Path, cfg: ToyConfig, seed: int, key: str,
 def build_files(root: Path) -> dict[str, str]:
     """sha256 of every file a build determines: corpora, evaluation sets, tokenizer, configs and
     shards (not toy.json itself, nor the provenance files that record where it was written)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and "work" not in p.relative_to(root).parts[:1]
+    # not the staging area's work/, nor the evaluations `deltamoe toy measure` writes into eval-results/
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and p.relative_to(root).parts[0] not in ("work", "eval-results")
                    and p.suffix in (".jsonl", ".safetensors", ".json", ".jinja")
                    and p.name not in (TOY_MANIFEST, "deltamoe.json"))
     return {str(p.relative_to(root)): _sha256(p) for p in files}
