@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from deltamoe.errors import OutputError, UsageError
-from deltamoe.toy.config import GENERATOR_VERSION, SIZES, ModelShape, PostTraining, ToyConfig
+from deltamoe.toy.config import GENERATOR_VERSION, SIZES, ModelShape, PostTraining, ToyConfig, TrainPhase
 from deltamoe.toy.languages import NEW_LANGUAGES, ORIGINAL, RELATIONS
 from deltamoe.toy.world import TextMaker, World, chat_messages, make_world, rng_for
 
@@ -245,7 +245,8 @@ def _train_arch(staging: Path, cfg: ToyConfig, seed: int, index: int, progress: 
             if name == base_name:
                 curve_docs = {lang: maker(lang, "curve").documents(cfg.curve_docs, world.rc_names)
                               for lang in (ORIGINAL, *NEW_LANGUAGES)}
-                history[name] = _pretrain(shape, tokenizer, stream, curve_docs, cfg, seed, work / name, out, progress)
+                history[name] = _pretrain(shape, cfg.pretrain_of(index), tokenizer, stream, curve_docs, cfg, seed,
+                                          work / name, out, progress)
             else:
                 history[name] = _post_train(staging / base_name, posts[name], tokenizer, world, cfg, seed, stream,
                                             work / name, out, progress)
@@ -352,8 +353,8 @@ def finish_model_dir(directory: Path, final: Path, name: str, base_name: str, pa
     write_model_card(directory, manifest)
 
 
-def _pretrain(shape: ModelShape, tokenizer: Any, stream: Any, curve_docs: dict[str, list[str]], cfg: ToyConfig,
-              seed: int, work: Path, out: Path, progress: bool) -> dict[str, Any]:
+def _pretrain(shape: ModelShape, phase: TrainPhase, tokenizer: Any, stream: Any, curve_docs: dict[str, list[str]],
+              cfg: ToyConfig, seed: int, work: Path, out: Path, progress: bool) -> dict[str, Any]:
     """Pre-train a base model on the packed stream; the held-out loss per language is measured
     ``curve_points`` times along the way (the curve in toy.json)."""
     from deltamoe.toy.train import heldout_loss, make_model, packed_batches, train_loop
@@ -361,21 +362,22 @@ def _pretrain(shape: ModelShape, tokenizer: Any, stream: Any, curve_docs: dict[s
     model = make_model(shape, tokenizer, seed)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel() * (1 if shape.tie_word_embeddings else 2)
+    tokens = phase.steps * phase.batch_size * cfg.seq_len  # what the steps read (the stream may be longer)
     _log(progress, f"pre-training {out.name} ({shape.family}, {n_params / 1e6:.2f} M parameters, "
-                   f"{(n_params - n_embed) / 1e6:.2f} M non-embedding, {stream.numel() / 1e6:.2f} M tokens)")
-    every = max(1, cfg.pretrain.steps // cfg.curve_points)
+                   f"{(n_params - n_embed) / 1e6:.2f} M non-embedding, {tokens / 1e6:.2f} M tokens)")
+    every = max(1, phase.steps // cfg.curve_points)
     encoded = {lang: [tokenizer.backend_tokenizer.encode(d, add_special_tokens=False).ids for d in docs]
                for lang, docs in curve_docs.items()}
 
     def on_step(step: int) -> dict[str, Any] | None:
-        if (step + 1) % every and step + 1 != cfg.pretrain.steps:
+        if (step + 1) % every and step + 1 != phase.steps:
             return None
         return {"step": step + 1, "heldout_loss": {lang: heldout_loss(model, ids) for lang, ids in encoded.items()}}
 
-    losses, curve = train_loop(model, packed_batches(stream, cfg.seq_len, cfg.pretrain.batch_size, seed), cfg.pretrain,
+    losses, curve = train_loop(model, packed_batches(stream, cfg.seq_len, phase.batch_size, seed), phase,
                                desc=f"pretrain {out.name}", progress=progress, checkpoint=work, on_step=on_step)
     _save_model(model, tokenizer, out)
-    return {"params": n_params, "non_embedding_params": n_params - n_embed, "tokens": int(stream.numel()),
+    return {"params": n_params, "non_embedding_params": n_params - n_embed, "tokens": tokens,
             "final_loss": _mean_tail(losses), "curve": curve}
 
 
@@ -459,10 +461,11 @@ def pretrain_documents(world: World, cfg: ToyConfig, seed: int):  # noqa: ANN201
 
 def pretrain_stream(world: World, cfg: ToyConfig, seed: int, tokenizer: Any, sep: int) -> Any:
     """Token ids of the pre-training documents (each closed by ``sep``) until they fill the
-    steps of pre-training once, plus one batch."""
+    steps of the longer pre-training phase once, plus one batch."""
     import torch
 
-    target = cfg.pretrain.steps * cfg.pretrain.batch_size * cfg.seq_len + cfg.pretrain.batch_size * cfg.seq_len
+    steps = max(cfg.pretrain_of(i).steps for i in range(2 if cfg.model2 is not None else 1))
+    target = (steps + 1) * cfg.pretrain.batch_size * cfg.seq_len
     chunks: list[torch.Tensor] = []
     total = 0
     docs = pretrain_documents(world, cfg, seed)

@@ -103,6 +103,13 @@ class ToyConfig(_Strict):
     pretrain: TrainPhase
     posts: tuple[PostTraining, ...]
     arch2_post: PostTraining | None = None
+    # the second architecture's pre-training (default: ``pretrain``); it reads the same packed
+    # corpus, which is long enough for the longer of the two
+    pretrain2: TrainPhase | None = None
+
+    def pretrain_of(self, index: int) -> TrainPhase:
+        """The pre-training phase of architecture ``index`` (0: ``model``, 1: ``model2``)."""
+        return self.pretrain2 if index == 1 and self.pretrain2 is not None else self.pretrain
 
     @model_validator(mode="after")
     def _fits(self) -> ToyConfig:
@@ -118,11 +125,18 @@ class ToyConfig(_Strict):
             raise ValueError("posts must start with the post-training recipe named 'instruct'")
         if (self.model2 is None) != (self.arch2_post is None):
             raise ValueError("model2 and arch2_post go together")
+        if self.pretrain2 is not None and self.model2 is None:
+            raise ValueError("pretrain2 needs model2")
+        if self.pretrain2 is not None and self.pretrain2.batch_size != self.pretrain.batch_size:
+            raise ValueError("pretrain2 must use pretrain's batch size (both read the same packed corpus)")
         return self
 
     def cache_key(self, seed: int) -> str:
         """Hash of (generator version, seed, every size setting): names a build."""
-        blob = json.dumps({"v": GENERATOR_VERSION, "seed": seed, "config": self.model_dump()}, sort_keys=True)
+        config = self.model_dump(exclude_none=False)
+        if config["pretrain2"] is None:  # keys of configs without it stay as they were
+            del config["pretrain2"]
+        blob = json.dumps({"v": GENERATOR_VERSION, "seed": seed, "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -150,7 +164,7 @@ SIZES: dict[str, ToyConfig] = {
     # 21 tokens each; 480 facts about 96 people; new languages a small share of pre-training.
     "small": ToyConfig(
         name="small", n_people=96, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=400,
-        vocab_size=1536, seq_len=128, new_language_share=0.015, parallel_share=0.5, tokenizer_docs_per_language=3000,
+        vocab_size=1536, seq_len=128, new_language_share=0.012, parallel_share=0.65, tokenizer_docs_per_language=3000,
         cpt_docs=28000, replay_fraction=0.02, chat_examples=10000, sft_lm_rows=16, sft_lm_weight=1.0, eval_rc=240,
         mc_items=480, eval_ppl_docs=100, curve_docs=100, curve_points=10,
         model=ModelShape(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -159,6 +173,7 @@ SIZES: dict[str, ToyConfig] = {
                           intermediate_size=256, max_position_embeddings=256, family="qwen3", head_dim=24,
                           tie_word_embeddings=True),
         pretrain=TrainPhase(steps=2100, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
+        pretrain2=TrainPhase(steps=2800, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
         posts=(_post("instruct", 300, 5e-4, 0.5, 0), _post("instruct2", 400, 3e-4, 0.2, 1)),
         arch2_post=_post("qwen3-instruct", 300, 5e-4, 0.5, 0),
     ),
