@@ -135,9 +135,13 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
 
     stages = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, _demo())), local_only=True)[0]}
     assert stages["ceiling"].kind == "toy_sft" and stages["ceiling"].inputs == {"model": "dense_cpt", "toy": "toy"}
-    phase = SIZES["small"].posts[0].phase
+    size = SIZES["small"]
+    phase = size.posts[0].phase
+    # the toy's own post-training recipe: P's lr and batch, its language-model replay rows per step
     assert stages["ceiling"].params == {"steps": 2 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
-                                        "seed": 0}
+                                        "lm_rows": size.sft_lm_rows, "lm_weight": size.sft_lm_weight,
+                                        "seq_len": size.seq_len, "seed": 0}
+    assert size.sft_lm_rows == 16
     assert "eval-ceiling" in stages and SYSTEM_ORDER[-1] == "ceiling"
     # the ceiling needs the toy world's chat data: refused by name for real models, left out by default
     r = _demo()

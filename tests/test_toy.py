@@ -456,7 +456,7 @@ def test_ceiling_margin_the_toy_can_separate_systems(toy_small: Path, toy_small_
 
     from deltamoe.demo import demo_recipe_text
     from deltamoe.evaluate import evaluate
-    from deltamoe.pipeline import _ceiling_params, _dense_spec, _train_config
+    from deltamoe.pipeline import _ceiling_lm_files, _ceiling_params, _dense_spec, _train_config
     from deltamoe.recipe import load_recipe
     from deltamoe.toy.sft import post_train_chat
     from deltamoe.train import train
@@ -468,9 +468,43 @@ def test_ceiling_margin_the_toy_can_separate_systems(toy_small: Path, toy_small_
     train(_train_config("dense_cpt", _dense_spec(recipe), toy_small / "base", cpt, recipe.seed, toy_small),
           progress=False)
     ceiling = post_train_chat(cpt, toy_small / "chat_all.jsonl", tmp_path / "ceiling", seed=recipe.seed,
-                              progress=False, **_ceiling_params(recipe))
+                              lm_files=_ceiling_lm_files(recipe, toy_small), progress=False, **_ceiling_params(recipe))
     res = evaluate(ceiling, "toy", data=toy_small, languages=list(NEW), mc=False, out=tmp_path / "ev", progress=False)
     for lang in NEW:
         acc, p = res["languages"][lang]["qa"], toy_small_regime["scores"]["instruct"][lang]["qa"]
         assert acc >= p + 0.2, (lang, acc, p)
         assert (acc >= 0.6) != (lang in CEILING_KNOWN_MISSES), (lang, acc)
+
+
+def test_ceiling_post_training_replays_text_and_refuses_bad_corpora(toy_micro: Path, tmp_path: Path) -> None:
+    """Chat post-training with language-model replay trains on the replayed text (other weights than
+    without it, recorded in the provenance); a replay file that is not text is a one-line error that
+    names the file and line, and nothing is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from deltamoe.errors import UsageError
+    from deltamoe.provenance import read_manifest
+    from deltamoe.toy.sft import post_train_chat
+
+    kw = {"steps": 3, "lr": 1e-3, "batch_size": 4, "seed": 0, "progress": False}
+    files = [toy_micro / "cpt" / "vel.jsonl", toy_micro / "replay.jsonl"]
+    plain = post_train_chat(toy_micro / "base", toy_micro / "chat_all.jsonl", tmp_path / "plain", **kw)
+    replay = post_train_chat(toy_micro / "base", toy_micro / "chat_all.jsonl", tmp_path / "replay", lm_files=files,
+                             lm_rows=2, seq_len=32, **kw)
+    again = post_train_chat(toy_micro / "base", toy_micro / "chat_all.jsonl", tmp_path / "again", lm_files=files,
+                            lm_rows=2, seq_len=32, **kw)
+    a, b, c = (load_file(str(d / "model.safetensors")) for d in (plain, replay, again))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # deterministic
+    params = read_manifest(replay)["stages"][-1]["params"]
+    n_docs = sum(1 for f in files for line in f.open() if line.strip())
+    assert params["lm_rows"] == 2 and params["lm_documents"] == n_docs > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b"}\n[1, 2]\n')
+    with pytest.raises(UsageError, match=r"bad.jsonl:2: not a text document"):
+        post_train_chat(toy_micro / "base", toy_micro / "chat_all.jsonl", tmp_path / "x", lm_files=[bad], lm_rows=2,
+                        seq_len=32, **kw)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="lm_rows needs lm_files"):
+        post_train_chat(toy_micro / "base", toy_micro / "chat_all.jsonl", tmp_path / "y", lm_rows=2, **kw)

@@ -106,9 +106,18 @@ def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
     from deltamoe.toy import SIZES
 
     assert recipe.toy is not None
-    phase = SIZES[recipe.toy.size].posts[0].phase
+    size = SIZES[recipe.toy.size]
+    phase = size.posts[0].phase
     c = recipe.ceiling
-    return {"steps": c.steps or 2 * phase.steps, "lr": c.lr or phase.lr, "batch_size": c.batch_size or phase.batch_size}
+    return {"steps": c.steps or 2 * phase.steps, "lr": c.lr or phase.lr, "batch_size": c.batch_size or phase.batch_size,
+            "lm_rows": size.sft_lm_rows if c.lm_rows is None else c.lm_rows, "lm_weight": size.sft_lm_weight,
+            "seq_len": size.seq_len}
+
+
+def _ceiling_lm_files(recipe: Recipe, toy: Path) -> list[Path]:
+    """The text the ceiling replays: the new languages' CPT corpora (B''s training text) and the
+    replay set (half of it original-language text)."""
+    return [*(toy / "cpt" / f"{lang}.jsonl" for lang in recipe.languages.new), toy / "replay.jsonl"]
 
 
 def _spec(stage: Any) -> dict[str, Any]:
@@ -293,7 +302,7 @@ def build_plan(
             from deltamoe.toy.sft import post_train_chat
 
             post_train_chat(inp["model"], inp["toy"] / "chat_all.jsonl", out, seed=recipe.seed, progress=progress,
-                            **ceiling)
+                            lm_files=_ceiling_lm_files(recipe, inp["toy"]) if ceiling["lm_rows"] else None, **ceiling)
 
         add("ceiling", "toy_sft", {**ceiling, "seed": recipe.seed}, {"model": "dense_cpt", **toy_role}, do_ceiling)
         systems["ceiling"] = "ceiling"

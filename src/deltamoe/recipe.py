@@ -63,12 +63,15 @@ class ToySpec(_Strict):
 
 
 class CeilingSpec(_Strict):
-    """The alignment ceiling: B' post-trained on chat data in every language (toy only). Defaults:
-    twice the steps of the toy's instruct recipe (four languages share them), its lr and batch."""
+    """The alignment ceiling: B' post-trained on chat data in every language (toy only), with the
+    toy's own post-training recipe. Defaults: twice the steps of the toy's instruct recipe (four
+    languages share them), its lr and batch, and its language-model replay rows per step, drawn
+    here from the new languages' CPT corpora (B''s training text) and the replay set."""
 
     steps: int | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0)
+    lm_rows: int | None = Field(None, ge=0, description="Language-model replay rows per step (0: none).")
 
 
 class ModelsSpec(_Strict):

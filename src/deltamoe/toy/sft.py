@@ -34,10 +34,32 @@ def read_chat(path: Path) -> list[list[dict[str, str]]]:
     return out
 
 
+def read_texts(paths: list[Path]) -> list[str]:
+    """The ``text`` of every line of some jsonl corpora, in order."""
+    texts = []
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: missing; the toy directory is incomplete, rebuild it with --force")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UsageError(f"{path}:{n}: not a text document (a JSON object with 'text')") from None
+    return texts
+
+
 def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: float, batch_size: int, seed: int,
+                    lm_files: list[Path] | None = None, lm_rows: int = 0, lm_weight: float = 1.0, seq_len: int = 128,
                     progress: bool = True) -> Path:
     """Post-train ``model`` on every conversation of ``chat_file`` (loss on assistant tokens;
-    linear warm-up, cosine decay) and write a stock checkpoint with provenance to ``out``."""
+    linear warm-up, cosine decay) and write a stock checkpoint with provenance to ``out``.
+
+    With ``lm_rows`` each step also takes that many packed rows of ``seq_len`` tokens from the
+    documents of ``lm_files`` (language-model loss, weighted ``lm_weight``): the replay the toy's
+    own post-training recipe uses, so that chat fine-tuning does not wreck the language model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,24 +68,37 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     from deltamoe.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
     from deltamoe.toy.builder import TRAIN_THREADS
     from deltamoe.toy.config import TrainPhase
-    from deltamoe.toy.train import chat_batches, deterministic, encode_chat, train_loop
+    from deltamoe.toy.tokenizer import DOC_SEP
+    from deltamoe.toy.train import chat_batches, deterministic, encode_chat, packed_batches, train_loop
 
     check_output(out, force=False)
     conversations = read_chat(chat_file)
+    if lm_rows and not lm_files:
+        raise UsageError("chat post-training: lm_rows needs lm_files, the documents to replay")
+    texts = read_texts(list(lm_files)) if lm_rows and lm_files else []
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples = [encode_chat(tokenizer, m) for m in conversations]
     phase = TrainPhase(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 15))
+    chat_at = chat_batches(examples, batch_size, tokenizer.pad_token_id, seed)
+    step_at: Any = chat_at
+    if texts:
+        sep = tokenizer.convert_tokens_to_ids(DOC_SEP)
+        encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        stream = torch.tensor([i for enc in encs for i in (*enc.ids, sep)], dtype=torch.long)
+        text_at = packed_batches(stream, seq_len, lm_rows, seed + 1)
+        step_at = lambda step: [(1.0, chat_at(step)), (lm_weight, text_at(step))]  # noqa: E731
     with deterministic(TRAIN_THREADS), hf_progress(False):
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        train_loop(lm, chat_batches(examples, batch_size, tokenizer.pad_token_id, seed), phase, desc="chat sft",
-                   progress=progress)
+        train_loop(lm, step_at, phase, desc="chat sft", progress=progress)
     with atomic_output_dir(out) as tmp, hf_progress(False):
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         desc = describe_checkpoint(open_checkpoint(model))
         manifest = new_manifest(read_manifest(model), stage="chat-sft",
                                 params={"chat": str(chat_file), "examples": len(examples), **phase.model_dump(),
-                                        "seed": seed},
+                                        "seed": seed, "lm_files": [str(p) for p in lm_files or []],
+                                        "lm_documents": len(texts), "lm_rows": lm_rows, "lm_weight": lm_weight,
+                                        "seq_len": seq_len},
                                 inputs={"model": desc}, command=None)
         write_manifest(tmp, manifest)
         write_model_card(tmp, manifest)
