@@ -110,6 +110,13 @@ def test_evaluate_moe_routing_json_and_heatmap(toy_micro: Path, tmp_path: Path) 
         # a zero router ties every expert: every token goes to the one expert that top-k picks
         assert all(sorted(row) == [0.0, 0.0, 0.0, 1.0] for row in st["routed"])
         assert st["routed"] == st["top1"] == routing["languages"]["en"]["routed"]
+    # the share of each language's tokens sent top-1 to its own expert: 1 for the language that owns
+    # the expert the tie goes to, 0 for the others, in every layer
+    winner = st["top1"][0].index(1.0)
+    for lang, (expert,) in routing["allocation"].items():
+        st = routing["languages"][lang]
+        assert st["allocated"] == [1.0 if expert == winner else 0.0] * layers
+        assert st["allocated_mean"] == (1.0 if expert == winner else 0.0)
     png = (tmp_path / "ev" / "routing.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "qa" not in res["languages"]["en"]

@@ -101,6 +101,21 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     budget = results["budget_matched"]
     assert budget["dense_steps"] > 0 and abs(budget["dense_flops"] - budget["moe_flops"]) / budget["moe_flops"] < 0.1
     assert results["systems"]["deltamoe"]["routing"]["num_experts"] == 4
+    # language allocation realised: read from results.json into the report, per system and language
+    alloc_section = report.split("## Language allocation realised", 1)[1].split("\n## ", 1)[0]
+    for name in ("moe_lpr", "deltamoe"):
+        entry = results["systems"][name]
+        routing = entry["routing"]["languages"]
+        assert set(entry["allocation_realised"]) == {"en", "vel", "kyr", "tol"}
+        row = next(line for line in alloc_section.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for i, lang in enumerate(("en", "vel", "kyr", "tol")):
+            st = routing[lang]
+            top1 = st["top1"]
+            own = [sum(r[e] for e in entry["routing"]["allocation"][lang]) for r in top1]
+            assert st["allocated"] == pytest.approx(own, abs=1e-6)
+            assert entry["allocation_realised"][lang] == pytest.approx(sum(own) / len(own), abs=1e-6)
+            assert cells[1 + i].startswith(f"{st['allocated_mean']:.2f} (")
     for png in ("accuracy", "tradeoff_qa", "tradeoff_mc", "routing-deltamoe", "training_loss"):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
     # the second run trains and grafts nothing

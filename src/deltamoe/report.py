@@ -61,6 +61,10 @@ def collect(systems: dict[str, tuple[Path, Path]], languages: dict[str, list[str
             entry["toy"] = res["languages"]
             if "routing" in res:
                 entry["routing"] = res["routing"]
+                # per language: share of tokens whose top-1 expert is one of its own (mean over layers)
+                entry["allocation_realised"] = {lang: st["allocated_mean"]
+                                                for lang, st in res["routing"]["languages"].items()
+                                                if st.get("allocated_mean") is not None}
                 entry["routing_png"] = str(eval_dir / "toy" / "routing.png")
         lm = eval_dir / "lm_eval" / "results.json"
         if lm.is_file():
@@ -136,6 +140,39 @@ def answer_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row[kind] = sum(a[kind] * a["n"] for a in per_lang) / n
         rows.append(row)
     return rows
+
+
+def allocation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per MoE system whose evaluation measured routing: per language, the share of its
+    tokens whose top-1 expert lies in its allocated set, per layer and averaged over layers."""
+    rows = []
+    for name, entry in results["systems"].items():
+        langs = (entry.get("routing") or {}).get("languages") or {}
+        if not any("allocated" in st for st in langs.values()):
+            continue
+        rows.append({"system": name, "label": LABELS.get(name, name),
+                     "languages": {lang: {"mean": st["allocated_mean"], "layers": st["allocated"]}
+                                   for lang, st in langs.items() if "allocated" in st}})
+    return rows
+
+
+def format_allocation_table(results: dict[str, Any]) -> str:
+    """Markdown: per MoE system and language, the mean over layers of the share of tokens routed
+    top-1 to the language's own experts, with the per-layer shares."""
+    rows = allocation_rows(results)
+    if not rows:
+        return ""
+    langs = [lang for lang in (*results["languages"]["original"], *results["languages"]["new"])
+             if any(lang in r["languages"] for r in rows)]
+    lines = ["| system | " + " | ".join(langs) + " |", "|" + "---|" * (len(langs) + 1)]
+    for r in rows:
+        cells = []
+        for lang in langs:
+            st = r["languages"].get(lang)
+            cells.append("–" if st is None else
+                         f"{st['mean']:.2f} ({', '.join(f'{v:.2f}' for v in st['layers'])})")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -303,6 +340,18 @@ def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Pa
             "|---|---|---|---|---|",
             *(f"| {r['label']} | {r['asked_relation']:.3f} | {r['original_language']:.3f} | {r['other']:.3f} | {r['n']} |"
               for r in kinds),
+            "",
+        ]
+    alloc = format_allocation_table(results)
+    if alloc:
+        lines += [
+            "## Language allocation realised",
+            "",
+            "Per MoE system and language: the share of the language's held-out tokens whose top-1 expert is one of "
+            "the experts allocated to it (the original language: expert 0), the mean over MoE layers and, in "
+            "brackets, layer by layer. Measured without language tags, as the model is served.",
+            "",
+            alloc,
             "",
         ]
     budget = results.get("budget_matched")

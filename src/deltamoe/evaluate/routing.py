@@ -3,6 +3,11 @@
 For every language, MoE layer and expert: the fraction of the language's tokens whose top-k
 contains the expert (``routed``; a row sums to top_k) and the fraction whose first choice it is
 (``top1``; a row sums to 1). Counted on the held-out plain text, padding excluded.
+
+Where the model carries a language -> expert allocation, ``allocated`` is, per layer, the share
+of the language's tokens whose first choice lies in the language's allocated experts, and
+``allocated_mean`` its mean over layers: whether the premise of the method, experts allocated to
+languages, is realised by the routers.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ class RoutingCounter:
         }
 
 
+def allocation_shares(top1: list[list[float]], experts: list[int]) -> dict[str, Any]:
+    """Per layer, the share of tokens whose first choice is one of ``experts``; and the mean."""
+    per_layer = [round(sum(row[e] for e in experts), 6) for row in top1]
+    return {"allocated": per_layer, "allocated_mean": round(sum(per_layer) / len(per_layer), 6) if per_layer else None}
+
+
 def draw_heatmap(routing: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
     """One panel per language: rows are MoE layers, columns experts, colour the fraction of the
     language's tokens routed to the expert. Allocated experts (if known) are marked in the labels."""
@@ -79,7 +90,9 @@ def draw_heatmap(routing: dict[str, Any], path: str | Path, *, title: str = "") 
         stats = routing["languages"][lang]
         data = stats["routed"]
         image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(f"{lang} ({stats['tokens']} tok)", fontsize=9)
+        share = stats.get("allocated_mean")
+        ax.set_title(f"{lang} ({stats['tokens']} tok)" + (f"\nown top-1 {share:.2f}" if share is not None else ""),
+                     fontsize=9)
         n_exp = len(data[0]) if data else 0
         owners = {e: lg for lg, exps in allocation.items() for e in exps}
         ax.set_xticks(range(n_exp), [f"{e}\n{owners.get(e, '')}" for e in range(n_exp)], fontsize=7)

@@ -17,8 +17,8 @@ from deltamoe.preflight import writable_dir
 RESULTS_NAME = "results.json"
 # What the evaluator measures and records; part of the eval stages' cache key in `deltamoe run`, so
 # a cached evaluation from an older evaluator is redone. 2: per-language answer kinds. 3: multiple
-# choice, 95 % Wilson intervals.
-EVAL_VERSION = 3
+# choice, 95 % Wilson intervals. 4: routing shares of the allocated experts.
+EVAL_VERSION = 4
 PREDICTIONS_NAME = "predictions.jsonl"
 ROUTING_JSON = "routing.json"
 ROUTING_PNG = "routing.png"
@@ -93,7 +93,7 @@ def evaluate(
     from deltamoe.evaluate.mc import score_mc
     from deltamoe.evaluate.perplexity import perplexity
     from deltamoe.evaluate.qa import MAX_NEW_TOKENS, answer_kinds, require_chat_template, score_items
-    from deltamoe.evaluate.routing import RoutingCounter, draw_heatmap, moe_shape
+    from deltamoe.evaluate.routing import RoutingCounter, allocation_shares, draw_heatmap, moe_shape
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -151,6 +151,9 @@ def evaluate(
         results["languages"][lang] = row
         if counter is not None:
             routing[lang] = counter.result(moe_info.get("moe_layers"))
+            experts = (moe_info.get("allocation") or {}).get(lang)
+            if experts and routing[lang]["top1"]:
+                routing[lang].update(allocation_shares(routing[lang]["top1"], [int(e) for e in experts]))
 
     out_path.mkdir(parents=True, exist_ok=True)
     if routing:
@@ -220,7 +223,9 @@ def format_table(results: dict[str, Any]) -> str:
         for lang, st in routing["languages"].items():
             if st["routed"]:
                 means = [sum(col) / len(col) for col in zip(*st["routed"], strict=True)]
-                lines.append(f"{lang:6}" + "".join(f"{m:>7.2f}" for m in means))
+                own = st.get("allocated_mean")
+                lines.append(f"{lang:6}" + "".join(f"{m:>7.2f}" for m in means)
+                             + (f"   own experts top-1: {own:.2f}" if own is not None else ""))
     return "\n".join(lines)
 
 

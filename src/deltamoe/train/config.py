@@ -164,6 +164,15 @@ class LossConfig(_Strict):
     lm: float = Field(1.0, ge=0.0, description="Next-token loss.")
     balance: float = Field(ge=0.0, description="Load-balancing loss (Switch/Mixtral), averaged over MoE layers.")
     lpr: float = Field(ge=0.0, description="Language-prior routing loss: -log sum of allocated experts' probabilities.")
+    lpr_tokens: Literal["tagged", "original"] = Field(
+        "tagged", description="Tokens the LPR loss covers: every language-tagged token, or only those of the "
+        "original languages (MoE-LPR's form: they learn to go to the original experts).")
+
+
+class RoutingConfig(_Strict):
+    allocated: bool = Field(
+        False, description="Language-allocated routing in training: a token tagged with language L may only use "
+        "L's experts and the original experts (a router mask; evaluation and serving route freely).")
 
 
 class PostPretrainLosses(LossConfig):
@@ -245,6 +254,7 @@ class PostPretrainConfig(_StageConfig):
     stage: Literal["post_pretrain"]
     losses: PostPretrainLosses = PostPretrainLosses()
     trainable: PostPretrainTrainable = PostPretrainTrainable()
+    routing: RoutingConfig = RoutingConfig()
 
 
 class RouterReviewConfig(_StageConfig):
@@ -253,6 +263,7 @@ class RouterReviewConfig(_StageConfig):
     stage: Literal["router_review"]
     losses: RouterReviewLosses = RouterReviewLosses()
     trainable: RouterReviewTrainable = RouterReviewTrainable()
+    routing: RoutingConfig = RoutingConfig()
 
 
 class DenseCptLosses(_Strict):

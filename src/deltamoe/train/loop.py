@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ from deltamoe.train import pack as P
 from deltamoe.train import losses as L
 from deltamoe.train.config import AnyStageConfig, load_config
 from deltamoe.train.model import Layout, RouterCapture, load_for_training, write_trained
+from deltamoe.train import routing as R
 from deltamoe.train.policy import apply_policy
+from deltamoe.train.routing import RouterMask
 
 _CKPT = re.compile(r"^step-(\d+)$")
 _STATE = "state.json"
@@ -81,6 +84,42 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
             f"train.precision={precision}; remove them from the accelerate config (deltamoe sets them)"
         )
     return acc
+
+
+def _routing_rules(cfg: AnyStageConfig, moe: Mapping[str, Any] | None, layout: Layout,
+                   allocation: Mapping[str, list[int]], lang_names: list[str], device: Any
+                   ) -> tuple[RouterMask | None, torch.Tensor | None]:
+    """The stage's routing options: the router mask of language-allocated routing (or None) and,
+    for ``losses.lpr_tokens: original``, which language ids the LPR loss keeps (None: all tagged)."""
+    routing = getattr(cfg, "routing", None)
+    losses = cfg.losses
+    if moe is None:
+        return None, None
+    original = [int(e) for e in moe.get("original_experts", [0])]
+    need_allocation = (routing is not None and routing.allocated) or getattr(losses, "lpr_tokens", "tagged") == "original"
+    if need_allocation and not allocation:
+        raise UsageError(
+            f"{'routing.allocated' if routing is not None and routing.allocated else 'losses.lpr_tokens: original'} "
+            f"needs a language -> expert allocation, and {cfg.model} has none; upcycle with --allocate "
+            "(e.g. --allocate en=0 --allocate el=1,2)"
+        )
+    mask = None
+    if routing is not None and routing.allocated:
+        route = R.route_matrix(allocation, lang_names, layout.num_experts, original).to(device)
+        mask = RouterMask([lay.router for lay in layout.routed_layers], route)
+    keep = None
+    if getattr(losses, "lpr_tokens", "tagged") == "original":
+        orig_langs = set(R.original_languages(allocation, original))
+        keep = torch.tensor([name in orig_langs for name in lang_names], dtype=torch.bool, device=device)
+    return mask, keep
+
+
+def _lpr_tokens(tok_lang: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The language ids the LPR loss sees: all, or only those ``keep`` marks (others untagged)."""
+    if keep is None:
+        return tok_lang
+    kept = (tok_lang >= 0) & keep[tok_lang.clamp(min=0)]
+    return torch.where(kept, tok_lang, torch.full_like(tok_lang, D.UNTAGGED))
 
 
 def _require_moe(ckpt_path: Path, manifest: Mapping[str, Any] | None, stage: str) -> dict[str, Any] | None:
@@ -594,6 +633,7 @@ def train(
 
     capture = RouterCapture(layout.routed_layers)
     allowed = L.allowed_matrix(allocation, lang_names, layout.num_experts).to(acc.device)
+    mask, lpr_keep = _routing_rules(cfg, moe, layout, allocation, lang_names, acc.device)
     coef = cfg.losses
     logger = _Logger(cfg, acc.is_main_process, fresh=meta is None)
     bar = tqdm(
@@ -657,14 +697,15 @@ def train(
             for j in range(accum):
                 ids = ids_mine[j * mb : (j + 1) * mb].to(acc.device)
                 tok_lang = lang_mine[j * mb : (j + 1) * mb].reshape(-1).to(acc.device)
-                with acc.accumulate(model):
+                # the mask stays on through backward: gradient checkpointing recomputes the forward there
+                with acc.accumulate(model), mask.tokens(tok_lang) if mask else nullcontext():
                     with capture.capture():
                         logits = model(input_ids=ids, use_cache=False).logits
                     router = capture.ordered()
                     lm = L.token_losses(logits, ids).mean()
                     if router:
                         bal = L.balance_loss(router, layout.top_k)
-                        lpr = L.lpr_loss(router, tok_lang, allowed)
+                        lpr = L.lpr_loss(router, _lpr_tokens(tok_lang, lpr_keep), allowed)
                     else:  # a dense model
                         bal = lpr = torch.zeros((), device=acc.device)
                     total = coef.lm * lm + coef_balance * bal + coef_lpr * lpr
@@ -745,4 +786,6 @@ def train(
         bar.close()
         logger.close()
         capture.remove()
+        if mask is not None:
+            mask.remove()
     return out_path

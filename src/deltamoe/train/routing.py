@@ -1,0 +1,89 @@
+"""Language-allocated routing in training: a router mask built from the tokens' language tags.
+
+With ``routing.allocated`` a token tagged with language L may only be routed to the experts
+allocated to L and the original experts (expert 0, the frozen copy of the dense FFN); for an
+original language that is its own experts alone, so with top-k > 1 its extra choices get weight
+0. Untagged tokens route freely. The mask acts in training forwards only: the routers still
+emit their unmasked logits, which the routing losses (LPR, balance) and the logged routing
+shares read, so the routers learn to choose by themselves what the mask enforces, and
+evaluation and serving run without language tags, as a served model must.
+
+The mask is a forward hook on each router module that recomputes the top-k choice and weights
+from the masked logits, the same way the router computes them (float softmax, top-k, and the
+renormalisation the family uses), so the experts implementation is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def route_matrix(allocation: Mapping[str, Sequence[int]], langs: Sequence[str], num_experts: int,
+                 original_experts: Sequence[int]) -> torch.Tensor:
+    """[n_langs, E] boolean: the experts a token of each language (in ``langs`` order) may use,
+    its allocated experts and the original experts."""
+    out = torch.zeros(len(langs), num_experts, dtype=torch.bool)
+    for i, lang in enumerate(langs):
+        out[i, list(allocation[lang])] = True
+        out[i, list(original_experts)] = True
+    return out
+
+
+def original_languages(allocation: Mapping[str, Sequence[int]], original_experts: Sequence[int]) -> list[str]:
+    """The languages served by original experts only (``en -> 0``): MoE-LPR's original languages."""
+    orig = set(original_experts)
+    return [lang for lang, experts in allocation.items() if set(experts) <= orig]
+
+
+def masked_choice(logits: torch.Tensor, allowed: torch.Tensor, top_k: int, normalise: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k weights and expert ids of router ``logits`` [T, E] restricted to ``allowed`` [T, E]:
+    the router's own computation on the masked logits."""
+    probs = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, index
+
+
+class RouterMask:
+    """Forward hooks that restrict each router's choice to the experts its token's language may
+    use, while :meth:`tokens` is active."""
+
+    def __init__(self, routers: Sequence[nn.Module], route: torch.Tensor):
+        self.route = route
+        self._lang: torch.Tensor | None = None
+        self._handles = [r.register_forward_hook(self._hook) for r in routers]
+
+    @contextmanager
+    def tokens(self, token_lang: torch.Tensor) -> Iterator[None]:
+        """Mask the forwards inside the block with these [T] language ids (-1: untagged)."""
+        self._lang = token_lang
+        try:
+            yield
+        finally:
+            self._lang = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        lang = self._lang
+        if lang is None:
+            return None
+        logits, scores, _ = output
+        if logits.shape[0] != lang.shape[0]:
+            raise RuntimeError(f"router mask: {logits.shape[0]} routed tokens but {lang.shape[0]} language ids")
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        tagged = lang >= 0
+        allowed[tagged] = self.route.to(logits.device)[lang[tagged]]
+        # Mixtral always renormalises the top-k weights; Qwen3-MoE only with norm_topk_prob
+        weights, index = masked_choice(logits, allowed, module.top_k, bool(getattr(module, "norm_topk_prob", True)))
+        return logits, weights.to(scores.dtype), index
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
