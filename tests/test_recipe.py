@@ -154,3 +154,48 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
     r["baselines"] = ["post", "ceiling"]
     with pytest.raises(UsageError, match="'ceiling' needs the toy world"):
         load_recipe(_write(tmp_path, r))
+
+
+def test_router_review_after_the_graft_and_the_unallocated_moe(tmp_path: Path) -> None:
+    """``train.review: after_graft`` grafts the stage-1 MoE and reviews the routers of the grafted
+    model (the DeltaMoE system is that review's output); the unallocated MoE baseline runs the same
+    chain with the router mask and the LPR loss switched off, and nothing else changed."""
+    from deltamoe.pipeline import build_plan
+
+    r = _demo()
+    r["train"]["post_pretrain"]["routing"] = {"allocated": True}
+    r["train"]["post_pretrain"]["losses"] = {"lpr": 0.5, "lpr_tokens": "original"}
+    r["baselines"] = ["post", "moe_lpr", "moe_unallocated"]
+    before = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+    assert before["deltamoe"].kind == "graft" and before["deltamoe"].inputs["moe"] == "router_review"
+    assert before["router_review"].inputs["model"] == "post_pretrain"
+    assert before["post_pretrain"].params["routing"] == {"allocated": True}
+    free = before["unallocated_post_pretrain"].params
+    assert "routing" not in free and free["losses"] == {"lpr": 0.0}
+    assert before["unallocated_router_review"].params["losses"]["lpr"] == 0.0
+    assert before["moe_unallocated"].inputs["moe"] == "unallocated_router_review"
+    same = {k: v for k, v in before["post_pretrain"].params.items() if k not in ("routing", "losses")}
+    assert same == {k: v for k, v in free.items() if k != "losses"}
+    assert "eval-moe_unallocated" in before
+    r["train"]["review"] = "after_graft"
+    after = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+    assert "router_review" not in after
+    assert after["grafted"].kind == "graft" and after["grafted"].inputs["moe"] == "post_pretrain"
+    assert after["deltamoe"].kind == "train" and after["deltamoe"].inputs["model"] == "grafted"
+    assert after["deltamoe"].params["stage"] == "router_review"
+    assert after["moe_unallocated"].inputs["model"] == "unallocated_grafted"
+    # the MoE without delta is stage 1's output here
+    assert after["eval-moe_lpr"].inputs["model"] == "post_pretrain"
+    r["train"]["review"] = "later"
+    with pytest.raises(UsageError, match="train.review"):
+        load_recipe(_write(tmp_path, r))
+
+
+def test_routing_options_do_not_change_keys_of_recipes_without_them(tmp_path: Path) -> None:
+    from deltamoe.pipeline import _spec
+    from deltamoe.recipe import TrainSpec
+
+    spec = TrainSpec(data={"seq_len": 8, "sources": []})
+    assert "routing" not in _spec(spec)
+    assert _spec(TrainSpec(data={"seq_len": 8, "sources": []}, routing={"allocated": True}))["routing"] == {
+        "allocated": True}

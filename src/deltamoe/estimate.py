@@ -23,7 +23,8 @@ _STATE_BYTES = 20_000  # state.json of a step checkpoint (data stream position, 
 _EVAL_BYTES = 10_000  # results.json + predictions.jsonl of a capped evaluation
 _PLOT_BYTES = 60_000  # one report plot or routing heatmap (PNG)
 _RESULT_BYTES = 800  # results.json per system and language
-MOE_STAGES = ("upcycle", "post_pretrain", "router_review", "deltamoe")
+MOE_STAGES = ("upcycle", "post_pretrain", "router_review", "grafted", "deltamoe", "unallocated_post_pretrain",
+              "unallocated_router_review", "unallocated_grafted", "moe_unallocated")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Systems compared (all on the same inputs and evaluation):
     task_arithmetic, ties, dare_linear, dare_ties   data-free merges of B' and P relative to B
     moe_lpr         the MoE after stage 1 (post-pretraining) and stage 2 (router review), no delta
     deltamoe        moe_lpr + expand(P - B)
+    moe_unallocated the same upcycling, training and graft with learned routing only: no router
+                    mask, no LPR loss (what the language allocation contributes)
     budget_matched  B'' + (P - B), where B'' is dense CPT with the same training FLOPs as the MoE run
     ceiling         B' post-trained on chat data in every language (toy only): the path the method
                     avoids, an upper bound rather than a baseline
@@ -33,8 +35,8 @@ from deltamoe.errors import UsageError
 from deltamoe.preflight import human
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
 
-SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr", "deltamoe",
-                "ceiling")
+SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr",
+                "moe_unallocated", "deltamoe", "ceiling")
 UPPER_BOUNDS = ("ceiling",)
 
 
@@ -121,8 +123,17 @@ def _ceiling_lm_files(recipe: Recipe, toy: Path) -> list[Path]:
 
 
 def _spec(stage: Any) -> dict[str, Any]:
-    """A training stage's sections; an empty ``distributed`` is left out (cache keys stay as they were)."""
-    return {k: v for k, v in stage.model_dump().items() if k != "distributed" or v}
+    """A training stage's sections; an empty ``distributed`` or ``routing`` is left out (cache keys
+    stay as they were)."""
+    return {k: v for k, v in stage.model_dump().items() if k not in ("distributed", "routing") or v}
+
+
+def _unallocated(spec: dict[str, Any]) -> dict[str, Any]:
+    """A training stage with learned routing only: no router mask, no LPR loss."""
+    out = {k: v for k, v in spec.items() if k != "routing"}
+    losses = {k: v for k, v in spec.get("losses", {}).items() if k != "lpr_tokens"}
+    out["losses"] = {**losses, "lpr": 0.0}
+    return out
 
 
 def _dense_spec(recipe: Recipe) -> dict[str, Any]:
@@ -215,16 +226,6 @@ def build_plan(
 
         return run
 
-    pp = _spec(recipe.train.post_pretrain)
-    add("post_pretrain", "train", {"stage": "post_pretrain", **pp, "seed": recipe.seed},
-        {"model": "upcycle", **toy_role}, trainer("post_pretrain", pp))
-    moe_final = "post_pretrain"
-    if recipe.train.router_review is not None:
-        rr = _spec(recipe.train.router_review)
-        add("router_review", "train", {"stage": "router_review", **rr, "seed": recipe.seed},
-            {"model": "post_pretrain", **toy_role}, trainer("router_review", rr))
-        moe_final = "router_review"
-
     g = recipe.graft
 
     def do_graft(inp: dict[str, Path], out: Path) -> None:
@@ -233,8 +234,30 @@ def build_plan(
         graft(inp["moe"], out, base=inp["base"], post=inp["post"], experts=g.experts, scale=g.scale,
               dtype=g.dtype, progress=progress)
 
-    add("deltamoe", "graft", g.model_dump(), {"moe": moe_final, "base": base_ref, "post": post_ref}, do_graft)
+    def moe_chain(prefix: str, system: str, pp: dict[str, Any], rr: dict[str, Any] | None) -> str:
+        """Stage 1, the router review and the graft, in the recipe's order; returns the stage of
+        the MoE without Δ (after every training stage before the graft)."""
+        add(f"{prefix}post_pretrain", "train", {"stage": "post_pretrain", **pp, "seed": recipe.seed},
+            {"model": "upcycle", **toy_role}, trainer("post_pretrain", pp))
+        moe = f"{prefix}post_pretrain"
+        review = {"stage": "router_review", **(rr or {}), "seed": recipe.seed}
+        if rr is not None and recipe.train.review == "before_graft":
+            add(f"{prefix}router_review", "train", review, {"model": moe, **toy_role}, trainer("router_review", rr))
+            moe = f"{prefix}router_review"
+        if rr is not None and recipe.train.review == "after_graft":
+            add(f"{prefix}grafted", "graft", g.model_dump(), {"moe": moe, "base": base_ref, "post": post_ref}, do_graft)
+            add(system, "train", review, {"model": f"{prefix}grafted", **toy_role}, trainer("router_review", rr))
+        else:
+            add(system, "graft", g.model_dump(), {"moe": moe, "base": base_ref, "post": post_ref}, do_graft)
+        return moe
+
+    pp = _spec(recipe.train.post_pretrain)
+    rr = _spec(recipe.train.router_review) if recipe.train.router_review is not None else None
+    moe_final = moe_chain("", "deltamoe", pp, rr)
     systems: dict[str, str] = {"deltamoe": "deltamoe"}
+    if "moe_unallocated" in recipe.wanted:
+        moe_chain("unallocated_", "moe_unallocated", _unallocated(pp), _unallocated(rr) if rr is not None else None)
+        systems["moe_unallocated"] = "moe_unallocated"
 
     # -- baselines --------------------------------------------------------------------------
     wanted = recipe.wanted
@@ -407,7 +430,7 @@ def _report_estimate(recipe: Recipe, ctx: dict[str, Any]) -> int:
 
     systems = ctx["systems"]
     langs = len(recipe.languages.original) + len(recipe.languages.new)
-    return report_bytes(len(systems), langs, sum(1 for s in ("moe_lpr", "deltamoe") if s in systems))
+    return report_bytes(len(systems), langs, sum(1 for s in ("moe_lpr", "moe_unallocated", "deltamoe") if s in systems))
 
 
 def _human(n: int | None) -> str:

@@ -27,7 +27,7 @@ RECIPE_VERSION = 1  # part of every cache key: bump when a stage's meaning chang
 
 Baseline = Literal[
     "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "moe_lpr", "budget_matched", "ceiling",
+    "moe_lpr", "moe_unallocated", "budget_matched", "ceiling",
 ]
 ALL_BASELINES: tuple[str, ...] = Baseline.__args__  # type: ignore[attr-defined]
 MERGE_BASELINES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -120,11 +120,16 @@ class TrainSpec(_Strict):
     checkpoint: dict[str, Any] = Field(default_factory=dict)
     logging: dict[str, Any] = Field(default_factory=dict)
     distributed: dict[str, Any] = Field(default_factory=dict)
+    routing: dict[str, Any] = Field(default_factory=dict, description="Routing options of MoE stages, e.g. "
+                                    "{allocated: true} for language-allocated routing (docs/training.md).")
 
 
 class TrainStages(_Strict):
     post_pretrain: TrainSpec
     router_review: TrainSpec | None = None
+    review: Literal["before_graft", "after_graft"] = Field(
+        "before_graft", description="When the router review runs: on the MoE before the graft (MoE-LPR's order), "
+        "or on the grafted model, whose hidden states are the ones served.")
 
 
 class DenseCptSpec(_Strict):

@@ -27,6 +27,7 @@ LABELS = {
     "dare_ties": "DARE-TIES",
     "budget_matched": "B'' + Δ (FLOP-matched CPT)",
     "moe_lpr": "MoE-LPR (no Δ)",
+    "moe_unallocated": "MoE, learned routing only, + Δ",
     "deltamoe": "DeltaMoE",
     "ceiling": "ceiling: B' + chat SFT in every language (upper bound)",
 }
