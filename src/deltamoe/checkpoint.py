@@ -641,3 +641,15 @@ def copy_aux_files(src: Checkpoint | str | os.PathLike[str], dst: str | os.PathL
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file whole or not at all: a temporary file beside it, then a rename (a reader
+    never sees half a file; the file gets the umask's permissions, as a plain write would)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -394,6 +394,19 @@ def run_(
     run_recipe(recipe, dry_run=dry_run, progress=not quiet, log=typer.echo)
 
 
+@app.command("study")
+@_reports_errors
+def study_(
+    study: Annotated[Path, typer.Argument(help="Study YAML: a recipe, seeds and variants (docs/study.md).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate every run and count the stages to run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run a recipe over several seeds and variants (one shared cache); report means, intervals, paired differences."""
+    from deltamoe.study import run_study
+
+    run_study(study, dry_run=dry_run, progress=not quiet, log=typer.echo)
+
+
 @app.command()
 @_reports_errors
 def demo(
