@@ -341,11 +341,6 @@ def test_shipped_set_materialises_with_the_manifest_bytes(toy_small: Path) -> No
 
 
 # -- the regime targets and the sanity pattern (the shipped set) ---------------------------------
-# Targets the shipped set misses, stated in docs/toy-world.md and the README. The second
-# architecture's base was pre-trained with the first's schedule, and its original-language loss
-# still fell 2.3 % in the last 20 % of it (the threshold is 2 %). Listed here so that the test
-# fails when a rebuilt set meets it, and the entry has to go.
-KNOWN_MISSES = {("qwen3-base", "late_gain")}
 
 
 @pytest.mark.slow
@@ -357,7 +352,7 @@ def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
         _, threshold, op, _ = TARGETS[c["target"]]
         v = c["value"]
         met = {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op]
-        assert met != ((c["model"], c["target"]) in KNOWN_MISSES), c
+        assert met and c["ok"], c
         seen.add(c["target"])
     assert seen == set(TARGETS)
     # every model of the build was checked: both bases, all three post-trained models
@@ -431,8 +426,9 @@ def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_small: Path) -> N
         after = perplexity(model, tok, held_out)["ppl"]
         orig_after = perplexity(model, tok, orig_held_out)["ppl"]
     assert after < before, (before, after)
-    # Known miss on the shipped set: 3.09 -> 2.28, 26 % lower, short of the 30 % bar (the base reads
-    # the new languages better than the old toy's did). Stated in docs/toy-world.md; the test fails
+    # Known miss on the shipped set: 3.13 -> 2.29, 27 % lower, short of the 30 % bar (the base reads
+    # the new languages better than the old toy's did; lowering their share of pre-training from 1.5 %
+    # to 1.2 % moved the base's perplexity only from 3.09 to 3.13). Stated in docs/toy-world.md; the test fails
     # once a rebuilt set meets the bar, and this line must then assert it.
     assert (after <= 0.7 * before) is not CPT_KNOWN_MISS, (before, after)
     assert orig_after < 100  # still a language model of the original language, not noise
