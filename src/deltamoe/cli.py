@@ -178,14 +178,22 @@ def graft(
     out: Annotated[Path, typer.Argument(help="Output directory for the grafted MoE.")],
     moe: Annotated[str, typer.Option("--moe", "-m", help="The MoE M (upcycled from B, usually continued-pretrained).")],
     base: Annotated[str | None, typer.Option("--base", "-b", help="Base dense model B.")] = None,
-    post: Annotated[str | None, typer.Option("--post", "-p", help="Post-trained (instruct) model P.")] = None,
+    post: Annotated[
+        list[str] | None,
+        typer.Option("--post", "-p", help="Post-trained (instruct) model P[:WEIGHT]; repeatable: "
+                                          "adds sum of w_i (P_i - B)."),
+    ] = None,
     delta: Annotated[
-        str | None, typer.Option("--delta", "-d", help="Delta artifact from 'deltamoe delta extract' (instead of B and P).")
+        list[str] | None,
+        typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT] from 'deltamoe delta extract' (instead of "
+                                           "B and P); repeatable: adds sum of w_i D_i."),
     ] = None,
     experts: Annotated[
         str, typer.Option(help="Experts that get the FFN delta: all, original, new, or ids like 0,2,3.")
     ] = "all",
-    scale: Annotated[float, typer.Option(help="Factor alpha on the FFN delta in the chosen experts.")] = 1.0,
+    scale: Annotated[
+        float, typer.Option(help="Factor alpha on the FFN delta (the whole weighted sum) in the chosen experts.")
+    ] = 1.0,
     new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
     check_base: Annotated[
         bool, typer.Option(help="Refuse a B whose sha256 differs from the dense model M was upcycled from.")
@@ -195,7 +203,7 @@ def graft(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B)."""
+    """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B), or M + expand(sum of w_i delta_i)."""
     from deltamoe.delta import graft as run
 
     path = run(
