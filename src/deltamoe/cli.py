@@ -225,7 +225,14 @@ def merge(
     ],
     base: Annotated[str | None, typer.Option("--base", "-b", help="Common base model B.")] = None,
     delta: Annotated[
-        str | None, typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT]: one more task vector (paramdelta: C + D).")
+        list[str] | None,
+        typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT], repeatable: more task vectors "
+                                           "(paramdelta: C + sum w_i D_i)."),
+    ] = None,
+    post: Annotated[
+        list[str] | None,
+        typer.Option("--post", "-p", help="paramdelta only: post-trained model P[:WEIGHT] with --model C, "
+                                          "repeatable: C + sum w_i (P_i - B)."),
     ] = None,
     density: Annotated[float | None, typer.Option(help="ties/dare: fraction of each task vector kept.")] = None,
     lambda_: Annotated[float, typer.Option("--lambda", help="Factor on the combined task vector.")] = 1.0,
@@ -238,7 +245,8 @@ def merge(
     ] = RescaleChoice.l1,
     new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
     tokenizer_from: Annotated[
-        str | None, typer.Option(help="Input whose tokenizer/chat template/config to copy (default: --delta, else last --model).")
+        str | None, typer.Option(help="Input whose tokenizer/chat template/config to copy (default: the first --post, "
+                                      "else the first --delta, else the last --model).")
     ] = None,
     dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps the first model's).")] = DtypeChoice.auto,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
@@ -249,7 +257,7 @@ def merge(
     from deltamoe.merge import merge as run
 
     path = run(
-        model, out, method=method.value, base=base, delta=delta, density=density, lambda_=lambda_, seed=seed,
+        model, out, method=method.value, base=base, delta=delta, post=post, density=density, lambda_=lambda_, seed=seed,
         normalize=normalize, rescale=rescale.value, new_rows=new_rows.value, tokenizer_from=tokenizer_from,
         dtype=dtype.value, force=force, max_shard_bytes=parse_size(shard_size), progress=not quiet,
         command=["deltamoe", *sys.argv[1:]],
