@@ -305,3 +305,47 @@ def test_merge_bad_input(case: str, world, tmp_path: Path) -> None:
     for piece in expect:
         assert piece in flat, (piece, text)
     _no_output(out)
+
+
+# -- streaming ---------------------------------------------------------------------------------
+_CHILD = """
+import json, sys
+import deltamoe.delta, deltamoe.merge, transformers  # imports are the interpreter baseline
+def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (ru_maxrss would carry the parent's)
+base_rss = status("VmRSS:")
+kind, out, b, p1, p2, x, buffer = sys.argv[1:]
+posts = [(p1, 0.5), (p2, -0.25)]
+if kind == "graft":
+    deltamoe.delta.graft(x, out, base=b, post=posts, progress=False, buffer_bytes=int(buffer))
+else:
+    deltamoe.merge.merge([x], out, method="paramdelta", base=b, post=posts, progress=False, buffer_bytes=int(buffer))
+print(json.dumps({"baseline": base_rss, "peak": status("VmHWM:")}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["graft", "merge"])
+def test_several_deltas_peak_rss_is_bounded(kind: str, tmp_path: Path) -> None:
+    """Two deltas stream like one: peak memory is the engine's buffers plus a few chunks."""
+    import os
+    import subprocess
+    import sys
+
+    from deltamoe.synthetic import llama_config, write_dense
+
+    cfg = llama_config(hidden=512, intermediate=1536, layers=6, vocab=16384, heads=8, kv_heads=4)
+    b, p1, p2, c = (write_dense(tmp_path / n, cfg, seed=s) for s, n in enumerate(["B", "P1", "P2", "C"]))
+    x = upcycle(b, tmp_path / "M", num_experts=E, top_k=2, progress=False) if kind == "graft" else c
+    buffer = 8 * 2**20
+    res = subprocess.run([sys.executable, "-c", _CHILD, kind, str(tmp_path / "out"), *map(str, (b, p1, p2, x)),
+                          str(buffer)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    above = r["peak"] - r["baseline"]
+    bound = 2 * buffer + 128 * 2**20  # read-ahead + write-behind, a few 4 MB chunks, what the allocator keeps
+    each = open_checkpoint(b).total_bytes
+    print(f"{kind}: peak above baseline {above / 2**20:.0f} MiB (bound {bound / 2**20:.0f}), each input "
+          f"{each / 2**20:.0f} MiB")
+    assert 3 * each > 2 * bound  # holding B, P1 and P2 would break the bound
+    assert above < bound
