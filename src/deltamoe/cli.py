@@ -178,14 +178,22 @@ def graft(
     out: Annotated[Path, typer.Argument(help="Output directory for the grafted MoE.")],
     moe: Annotated[str, typer.Option("--moe", "-m", help="The MoE M (upcycled from B, usually continued-pretrained).")],
     base: Annotated[str | None, typer.Option("--base", "-b", help="Base dense model B.")] = None,
-    post: Annotated[str | None, typer.Option("--post", "-p", help="Post-trained (instruct) model P.")] = None,
+    post: Annotated[
+        list[str] | None,
+        typer.Option("--post", "-p", help="Post-trained (instruct) model P[:WEIGHT]; repeatable: "
+                                          "adds sum of w_i (P_i - B)."),
+    ] = None,
     delta: Annotated[
-        str | None, typer.Option("--delta", "-d", help="Delta artifact from 'deltamoe delta extract' (instead of B and P).")
+        list[str] | None,
+        typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT] from 'deltamoe delta extract' (instead of "
+                                           "B and P); repeatable: adds sum of w_i D_i."),
     ] = None,
     experts: Annotated[
         str, typer.Option(help="Experts that get the FFN delta: all, original, new, or ids like 0,2,3.")
     ] = "all",
-    scale: Annotated[float, typer.Option(help="Factor alpha on the FFN delta in the chosen experts.")] = 1.0,
+    scale: Annotated[
+        float, typer.Option(help="Factor alpha on the FFN delta (the whole weighted sum) in the chosen experts.")
+    ] = 1.0,
     new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
     check_base: Annotated[
         bool, typer.Option(help="Refuse a B whose sha256 differs from the dense model M was upcycled from.")
@@ -195,7 +203,7 @@ def graft(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B)."""
+    """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B), or M + expand(sum of w_i delta_i)."""
     from deltamoe.delta import graft as run
 
     path = run(
@@ -217,7 +225,14 @@ def merge(
     ],
     base: Annotated[str | None, typer.Option("--base", "-b", help="Common base model B.")] = None,
     delta: Annotated[
-        str | None, typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT]: one more task vector (paramdelta: C + D).")
+        list[str] | None,
+        typer.Option("--delta", "-d", help="Delta artifact D[:WEIGHT], repeatable: more task vectors "
+                                           "(paramdelta: C + sum w_i D_i)."),
+    ] = None,
+    post: Annotated[
+        list[str] | None,
+        typer.Option("--post", "-p", help="paramdelta only: post-trained model P[:WEIGHT] with --model C, "
+                                          "repeatable: C + sum w_i (P_i - B)."),
     ] = None,
     density: Annotated[float | None, typer.Option(help="ties/dare: fraction of each task vector kept.")] = None,
     lambda_: Annotated[float, typer.Option("--lambda", help="Factor on the combined task vector.")] = 1.0,
@@ -230,7 +245,8 @@ def merge(
     ] = RescaleChoice.l1,
     new_rows: Annotated[NewRowsChoice, typer.Option(help=_NEW_ROWS_HELP)] = NewRowsChoice.post,
     tokenizer_from: Annotated[
-        str | None, typer.Option(help="Input whose tokenizer/chat template/config to copy (default: --delta, else last --model).")
+        str | None, typer.Option(help="Input whose tokenizer/chat template/config to copy (default: the first --post, "
+                                      "else the first --delta, else the last --model).")
     ] = None,
     dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps the first model's).")] = DtypeChoice.auto,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
@@ -241,7 +257,7 @@ def merge(
     from deltamoe.merge import merge as run
 
     path = run(
-        model, out, method=method.value, base=base, delta=delta, density=density, lambda_=lambda_, seed=seed,
+        model, out, method=method.value, base=base, delta=delta, post=post, density=density, lambda_=lambda_, seed=seed,
         normalize=normalize, rescale=rescale.value, new_rows=new_rows.value, tokenizer_from=tokenizer_from,
         dtype=dtype.value, force=force, max_shard_bytes=parse_size(shard_size), progress=not quiet,
         command=["deltamoe", *sys.argv[1:]],

@@ -41,7 +41,7 @@ from deltamoe.checkpoint import (
     open_checkpoint,
     write_json,
 )
-from deltamoe.engine import Out, Read, Step, add32, diff32, is_float, row_chunks, run_steps
+from deltamoe.engine import Out, Read, Step, add32, diff32, f32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import (
@@ -219,21 +219,234 @@ class ArtifactDelta:
         return _base_shape(self.shapes, self.rows, name)
 
 
-def open_delta_source(
+# -- several deltas: Σ wᵢ Δᵢ ----------------------------------------------------------------
+WeightedInput = str | os.PathLike[str] | tuple[str | os.PathLike[str], float | None]
+
+
+def check_weight(weight: Any, what: str) -> float:
+    """``weight`` as a finite float, or a UsageError naming ``what`` (the flag and its value)."""
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: the weight {weight!r} is not a number; give it as PATH:0.5") from None
+    if w != w or abs(w) == float("inf"):
+        raise UsageError(f"{what}: the weight must be a finite number, got {weight!r}")
+    return w
+
+
+def parse_weight_arg(text: str, flag: str) -> tuple[str, float | None]:
+    """``PATH[:WEIGHT]`` given to ``flag`` -> (path, weight or None).
+
+    A text that names an existing path is that path, ':' and all; so is one whose last ':' is
+    followed by a '/' (``hf://owner/name``). Otherwise what follows the last ':' must be a
+    finite number: ``D:abc`` is an error, not a model called ``D:abc``.
+    """
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or Path(text).expanduser().exists():
+        return text, None
+    if not path:
+        raise UsageError(f"{flag} {text}: no path before ':'; write {flag} PATH or {flag} PATH:WEIGHT")
+    try:
+        weight = float(tail)
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text}: the weight {tail!r} is not a number (and no path {text!r} exists); "
+            f"write {flag} {path}:0.5, or {flag} {path} for weight 1"
+        ) from None
+    return path, check_weight(weight, f"{flag} {text}")
+
+
+def weighted_inputs(given: WeightedInput | list[WeightedInput] | None, flag: str) -> list[tuple[str, float | None]]:
+    """One input or a list of them, each a path, ``"PATH:WEIGHT"`` or ``(path, weight)``."""
+    if given is None:
+        return []
+    out: list[tuple[str, float | None]] = []
+    for item in given if isinstance(given, list) else [given]:
+        if isinstance(item, tuple):
+            path, w = item
+            out.append((os.fspath(path), None if w is None else check_weight(w, f"{flag} {os.fspath(path)}")))
+        elif isinstance(item, os.PathLike):
+            out.append((os.fspath(item), None))
+        else:
+            out.append(parse_weight_arg(str(item), flag))
+    return out
+
+
+def _tensor_file(src: DeltaSource, name: str) -> str:
+    info = src.aux.tensors.get(name)
+    return str(info.file) if info is not None else str(src.aux.path)
+
+
+def check_same_delta(first: DeltaSource, other: DeltaSource) -> None:
+    """``other`` must be a delta of the same base as ``first``: same architecture, same tensors and
+    the same shapes over the base's rows."""
+    for key in _STRUCTURAL:
+        if first.base_config.get(key) != other.base_config.get(key):
+            raise ArchitectureError(
+                f"{other.label}: its base has {key} = {other.base_config.get(key)!r}, but the base of {first.label} "
+                f"has {key} = {first.base_config.get(key)!r}; deltas are added only when they come from one base model"
+            )
+    missing = sorted(set(first.shapes) - set(other.shapes), key=natural_key)
+    extra = sorted(set(other.shapes) - set(first.shapes), key=natural_key)
+    if missing or extra:
+        what = f"has no tensor(s) {missing[:5]} that {first.label} has" if missing else \
+            f"has tensor(s) {extra[:5]} that {first.label} lacks"
+        raise CheckpointError(f"{other.label}: {what}; every delta must have the same tensors (made from one base)")
+    for name in sorted(first.shapes, key=natural_key):
+        want, got = first.base_shape(name), other.base_shape(name)
+        if got != want:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(got)} in {_tensor_file(other, name)} but {list(want)} in "
+                f"{first.label}; every delta must have the base's shapes"
+            )
+
+
+class WeightedDelta:
+    """Σ wᵢ Δᵢ over several deltas of one base. The first is the primary: its tokenizer files,
+    config and added vocabulary rows are used (the others may add none)."""
+
+    def __init__(self, terms: Sequence[tuple[DeltaSource, float]]):
+        if not terms:
+            raise UsageError("no delta given")
+        first = terms[0][0]
+        for src, _ in terms[1:]:
+            check_same_delta(first, src)
+            grown = next((n for n, r in src.rows.items() if src.shapes[n] and r < src.shapes[n][0]), None)
+            if grown is not None:
+                raise CheckpointError(
+                    f"{_tensor_file(src, grown)}: tensor {grown!r} has {src.shapes[grown][0]} rows where the base has "
+                    f"{src.rows[grown]} (added vocabulary), but only the first delta may add rows (its tokenizer is "
+                    "used); list the delta that adds tokens first"
+                )
+        self.terms = tuple(terms)
+        self.aux, self.base_config, self.post_config = first.aux, first.base_config, first.post_config
+        self.shapes, self.rows = first.shapes, first.rows
+        self.label = " + ".join(f"{w:g} * ({src.label})" for src, w in terms)
+
+    def delta(self, name: str, a: int | None, b: int | None) -> tuple[list[Read], Callable[[list[torch.Tensor]], torch.Tensor]]:
+        reads: list[Read] = []
+        parts: list[tuple[int, int, Callable[[list[torch.Tensor]], torch.Tensor], float]] = []
+        for src, w in self.terms:
+            r, fn = src.delta(name, a, b)
+            parts.append((len(reads), len(reads) + len(r), fn, w))
+            reads.extend(r)
+        return reads, partial(_weighted_sum, parts=tuple(parts))
+
+    def added(self, name: str, a: int, b: int) -> tuple[list[Read], Callable[[list[torch.Tensor]], torch.Tensor]]:
+        return self.terms[0][0].added(name, a, b)
+
+    def base_shape(self, name: str) -> tuple[int, ...]:
+        return _base_shape(self.shapes, self.rows, name)
+
+
+def _weighted_sum(ts: list[torch.Tensor], *, parts: tuple[tuple[int, int, Any, float], ...]) -> torch.Tensor:
+    """float32: w₀Δ₀, then + wᵢΔᵢ in the order given (a new tensor; the inputs are not modified)."""
+    acc: torch.Tensor | None = None
+    for i, j, fn, w in parts:
+        d = f32(fn(ts[i:j]))
+        if acc is None:
+            acc = torch.mul(d, w)
+        else:
+            acc.add_(d, alpha=w)
+    assert acc is not None
+    return acc
+
+
+@dataclass(frozen=True)
+class DeltaTerm:
+    src: PairDelta | ArtifactDelta
+    weight: float
+    role: str  # "post_<i>" for a (B, Pᵢ) pair, "delta_<i>" for an artifact
+
+
+@dataclass(frozen=True)
+class DeltaSet:
+    """The deltas of one graft: (B, P₀), (B, P₁), ... or artifacts D₀, D₁, ... with their weights."""
+
+    terms: tuple[DeltaTerm, ...]
+    base: Checkpoint | None  # B of the pairs; None for artifacts
+
+    @property
+    def single(self) -> bool:
+        """One delta at weight 1: the original form, whose output and provenance are unchanged."""
+        return len(self.terms) == 1 and self.terms[0].weight == 1.0
+
+    def source(self) -> DeltaSource:
+        if self.single:
+            return self.terms[0].src
+        return WeightedDelta([(t.src, t.weight) for t in self.terms])
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """What to hash, in the order :meth:`record` expects."""
+        if self.base is not None:
+            return [self.base, *(t.src.post for t in self.terms if isinstance(t.src, PairDelta))]
+        return [t.src.ckpt for t in self.terms if isinstance(t.src, ArtifactDelta)]
+
+    def artifacts(self) -> list[ArtifactDelta]:
+        return [t.src for t in self.terms if isinstance(t.src, ArtifactDelta)]
+
+    def weights(self) -> dict[str, float]:
+        return {t.role: t.weight for t in self.terms}
+
+    def record(self, described: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Provenance inputs from the digests of :meth:`checkpoints`."""
+        if self.base is not None:
+            if self.single:
+                return {"base": described[0], "post": described[1]}
+            return {"base": described[0], **{t.role: d for t, d in zip(self.terms, described[1:])}}
+        arts = self.artifacts()
+        if self.single:
+            return {"delta": described[0], **arts[0].recorded_inputs}
+        out = {t.role: d for t, d in zip(self.terms, described)}
+        out["base"] = arts[0].recorded_inputs["base"]
+        for i, art in enumerate(arts):
+            out[f"post_{i}"] = art.recorded_inputs["post"]
+            if art.base_sha256 != arts[0].base_sha256:  # only with --no-check-base
+                out[f"base_{i}"] = art.recorded_inputs["base"]
+        return out
+
+
+def open_deltas(
     base: str | os.PathLike[str] | None,
-    post: str | os.PathLike[str] | None,
-    delta: str | os.PathLike[str] | None,
-) -> tuple[DeltaSource, list[Checkpoint]]:
-    """The Δ of ``--base/--post`` or of ``--delta`` (exactly one of the two); and the checkpoints to hash."""
-    if delta is not None:
-        if base is not None or post is not None:
+    post: WeightedInput | list[WeightedInput] | None,
+    delta: WeightedInput | list[WeightedInput] | None,
+) -> DeltaSet:
+    """``--base B --post P[:W] ...`` or ``--delta D[:W] ...`` (one of the two), opened and checked."""
+    posts, deltas = weighted_inputs(post, "--post"), weighted_inputs(delta, "--delta")
+    if deltas:
+        if base is not None or posts:
             raise UsageError("give either --delta D or both --base B and --post P, not both")
-        d = ArtifactDelta(open_checkpoint(delta))
-        return d, [d.ckpt]
-    if base is None or post is None:
+        terms = [DeltaTerm(ArtifactDelta(open_checkpoint(p)), 1.0 if w is None else w, f"delta_{i}")
+                 for i, (p, w) in enumerate(deltas)]
+        return DeltaSet(tuple(terms), None)
+    if base is None or not posts:
         raise UsageError("the post-training delta needs both --base B and --post P (or a delta artifact: --delta D)")
-    b, p = open_checkpoint(base), open_checkpoint(post)
-    return PairDelta(b, p), [b, p]
+    b = open_checkpoint(base)
+    terms = [DeltaTerm(PairDelta(b, open_checkpoint(p)), 1.0 if w is None else w, f"post_{i}")
+             for i, (p, w) in enumerate(posts)]
+    return DeltaSet(tuple(terms), b)
+
+
+def check_artifact_bases(arts: Sequence[ArtifactDelta], upcycled_from: dict[str, Any] | None = None,
+                         moe: Path | None = None) -> None:
+    """Every delta artifact was extracted against M's dense model, and all against the same base."""
+    for art in arts:
+        if upcycled_from and upcycled_from["sha256"] != art.base_sha256:
+            raise CheckpointError(
+                f"{art.label}: this delta was extracted against the base {art.recorded_inputs['base']['path']} "
+                f"(sha256 {art.base_sha256[:16]}...), but {moe} was upcycled from {upcycled_from['path']} "
+                f"(sha256 {upcycled_from['sha256'][:16]}...); extract the delta against the base M was upcycled from"
+            )
+    first = arts[0] if arts else None
+    for art in arts[1:]:
+        assert first is not None
+        if art.base_sha256 != first.base_sha256:
+            raise CheckpointError(
+                f"{art.label}: this delta was extracted against the base {art.recorded_inputs['base']['path']} "
+                f"(sha256 {art.base_sha256[:16]}...), but {first.label} against "
+                f"{first.recorded_inputs['base']['path']} (sha256 {first.base_sha256[:16]}...); deltas are added "
+                "only when they share one base: extract them all against the same base"
+            )
 
 
 # -- helpers shared with merge -------------------------------------------------------------
@@ -481,8 +694,8 @@ def graft(
     out: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] | None = None,
-    post: str | os.PathLike[str] | None = None,
-    delta: str | os.PathLike[str] | None = None,
+    post: WeightedInput | list[WeightedInput] | None = None,
+    delta: WeightedInput | list[WeightedInput] | None = None,
     experts: str | Sequence[int] = "all",
     scale: float = 1.0,
     new_rows: NewRows = "post",
@@ -496,17 +709,25 @@ def graft(
 ) -> Path:
     """Graft Δ = P − B (or the delta artifact ``delta``) onto the MoE ``moe``; write ``out``.
 
+    Several deltas: ``post`` (with ``base``) or ``delta`` may be a list, each item a path,
+    ``"PATH:WEIGHT"`` or ``(path, weight)`` (weight 1 when not given); Δ is then Σ wᵢ Δᵢ,
+    computed in float32 in the order given, and everything below applies to that sum. The
+    first delta is the primary: tokenizer files, config changes and added vocabulary rows are
+    its own, and the others may add no rows.
+
     Args:
         experts: which experts of each MoE layer get the FFN delta: "all" (default),
             "original" (expert 0), "new", or a list of ids. Layers kept dense in a Mixtral
             upcycle (``replicated_layers``) always get it in every expert, unscaled.
-        scale: α, the factor on the FFN delta in the chosen experts (default 1).
+        scale: α, the factor on the FFN delta (the whole weighted sum) in the chosen experts
+            (default 1); shared tensors get the delta unscaled.
         new_rows: vocabulary rows that P has and B lacks: "post" (P's values, default),
             "mean" (mean of the grafted rows) or "error".
         dtype: "auto" (keep M's stored dtypes), "float32", "bfloat16" or "float16". The sum
             is computed in float32 and rounded once.
         check_base: refuse a B (or a delta made from a B) whose sha256 differs from the dense
-            model that M's deltamoe.json says it was upcycled from.
+            model that M's deltamoe.json says it was upcycled from, and delta artifacts
+            extracted against different bases.
     Returns:
         ``out``: M's config and layout, P's tokenizer files, chat template and generation
         config, and ``deltamoe.json`` with a "graft" stage appended to M's stages.
@@ -520,7 +741,8 @@ def graft(
     m = open_checkpoint(moe)
     m_manifest, moe_info = _moe_block(m)
     chosen = parse_experts(experts, moe_info)
-    src, to_hash = open_delta_source(base, post, delta)
+    deltas = open_deltas(base, post, delta)
+    src = deltas.source()
     base_src = f"{src.label} (base config)"
     spec = arch.arch_for(src.base_config, source=base_src)
     family_ok = moe_info["family"] in (src.base_config.get("model_type"), spec.family)  # older: the table name
@@ -531,39 +753,104 @@ def graft(
             f"{spec.moe_model_type}); graft onto an MoE upcycled from this base"
         )
     upcycled_from = upcycle_input(m_manifest)
-    if check_base and upcycled_from and isinstance(src, ArtifactDelta) and upcycled_from["sha256"] != src.base_sha256:
-        raise CheckpointError(
-            f"{src.label}: this delta was extracted against the base {src.recorded_inputs['base']['path']} "
-            f"(sha256 {src.base_sha256[:16]}...), but {m.path} was upcycled from {upcycled_from['path']} "
-            f"(sha256 {upcycled_from['sha256'][:16]}...); extract the delta against the base M was upcycled from"
-        )
+    if check_base:
+        check_artifact_bases(deltas.artifacts(), upcycled_from, m.path)
     refuse_new_rows(src, new_rows)
+    plan = _plan_graft(m, src, moe_info, chosen, float(scale), dtype)
+    changes = _post_config_changes(spec, src, moe_info, m)
+    planned = {s.name: s for s in plan.specs}
 
-    # Which stored tensor of M is which: experts (-> dense FFN name), routers and inert tensors.
+    def steps() -> Iterator[Step]:
+        done_groups: set[str] = set()
+        for s in plan.specs:
+            kind = plan.kinds[s.name]
+            if kind == "expert":
+                dense = plan.expert_of[s.name][0]
+                if dense not in done_groups:
+                    done_groups.add(dense)
+                    yield from _expert_steps(m, src, dense, plan.groups[dense])
+            elif kind == "copy":
+                shape = m.spec(s.name).shape
+                for a, b in row_chunks(shape):
+                    yield Step([Read(m, s.name, a, b)], partial(_copy_chunk, name=s.name, a=a))
+            else:
+                yield from _shared_steps(m, src, s.name, new_rows)
+
+    check_output_disk(out_path, plan.specs, src.aux.aux_files())
+    hashes = hash_in_background(m, *deltas.checkpoints())
+    with atomic_output_dir(out_path, force=force) as tmp:
+        writer = ShardedWriter(tmp, plan.specs, max_shard_bytes=max_shard_bytes)
+        try:
+            run_steps(steps(), writer, planned, buffer_bytes=buffer_bytes, progress=progress, desc="graft")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        described = finish_hashes(hashes)
+        inputs = {"moe": described[0], **deltas.record(described[1:])}
+        if (deltas.base is not None and check_base and upcycled_from
+                and upcycled_from["sha256"] != described[1]["sha256"]):
+            raise CheckpointError(
+                f"{deltas.base.path}: sha256 {described[1]['sha256'][:16]}... differs from the dense model "
+                f"{upcycled_from['path']} (sha256 {upcycled_from['sha256'][:16]}...) that {m.path} was upcycled "
+                "from; graft needs that exact base. If it is the same model re-saved, pass --no-check-base"
+            )
+        cfg = dict(m.config)
+        cfg.update({k: v for k, v in changes.items() if v is not None})
+        for k in [k for k, v in changes.items() if v is None]:
+            cfg.pop(k, None)
+        if dtype != "auto":
+            set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]))
+        write_json(tmp / "config.json", cfg)
+        copy_aux_files(src.aux, tmp)
+        params: dict[str, Any] = {"experts": chosen, "scale": float(scale)}
+        if not deltas.single:
+            params["weights"] = deltas.weights()
+        params.update({
+            "replicated_layers_get": "full delta in every expert",
+            "new_rows": new_rows, "dtype": dtype, "check_base": check_base,
+            "added_rows": {n: [r, src.shapes[n][0]] for n, r in src.rows.items()
+                           if src.shapes[n] and r < src.shapes[n][0] and n in plan.consumed},
+            "config_from_post": changes, "max_shard_bytes": max_shard_bytes,
+        })
+        manifest = new_manifest(m_manifest, stage="graft", params=params, inputs=inputs, command=command)
+        write_manifest(tmp, manifest)
+        write_model_card(tmp, manifest)
+    return out_path
+
+
+@dataclass
+class _GraftPlan:
+    specs: list[TensorSpec]
+    kinds: dict[str, str]  # output name -> "expert", "copy" or "shared"
+    expert_of: dict[str, tuple[str, int, int]]  # expert tensor -> (dense FFN name, layer, expert)
+    groups: dict[str, list[_ExpertTarget]]  # dense FFN name -> the experts it feeds
+    consumed: set[str]  # tensors of the delta that reach the output
+
+
+def _plan_graft(m: Checkpoint, src: DeltaSource, moe_info: dict[str, Any], chosen: list[int], scale: float,
+                dtype: str) -> _GraftPlan:
+    """Which stored tensor of M is which (experts -> dense FFN name, routers, inert, shared), checked."""
     names = moe_info["names"]
     n_exp = int(moe_info["num_experts"])
     moe_layers, replicated = set(moe_info["moe_layers"]), set(moe_info["replicated_layers"])
-    expert_of: dict[str, tuple[str, int, int]] = {}
+    plan = _GraftPlan([], {}, {}, {}, set())
     untouched: set[str] = set()
     for layer in sorted(moe_layers | replicated):
         for role, tmpl in names["expert_ffn"].items():
             dense = names["dense_ffn"][role].format(layer=layer)
             for e in range(n_exp):
-                expert_of[tmpl.format(layer=layer, expert=e)] = (dense, layer, e)
+                plan.expert_of[tmpl.format(layer=layer, expert=e)] = (dense, layer, e)
         untouched.add(names["router"].format(layer=layer))
         untouched.update(t.format(layer=layer) for t in names["inert"])
-    absent = sorted(n for n in [*expert_of, *untouched] if n not in m.tensors)
+    absent = sorted(n for n in [*plan.expert_of, *untouched] if n not in m.tensors)
     if absent:
         raise CheckpointError(f"{m.path}: missing tensor(s) {absent[:5]} that its deltamoe.json 'moe' block implies")
 
-    specs: list[TensorSpec] = []
-    groups: dict[str, list[_ExpertTarget]] = {}
-    consumed: set[str] = set()
-    kinds: dict[str, str] = {}
     for name in sorted(m.keys(), key=natural_key):
         ms = m.spec(name)
-        if name in expert_of:
-            dense, layer, e = expert_of[name]
+        if name in plan.expert_of:
+            dense, layer, e = plan.expert_of[name]
             if dense not in src.shapes:
                 raise CheckpointError(f"{src.label}: has no tensor {dense!r}, the dense FFN of expert {name!r} of {m.path}")
             want = src.base_shape(dense)
@@ -572,14 +859,14 @@ def graft(
                     f"tensor {name!r} of {m.tensors[name].file} has shape {list(ms.shape)}, but the dense FFN "
                     f"{dense!r} of the base/post models has {list(src.shapes[dense])}; M was not upcycled from this base"
                 )
-            s = 1.0 if layer in replicated else (float(scale) if e in chosen else 0.0)
-            groups.setdefault(dense, []).append(_ExpertTarget(name, e, s))
-            consumed.add(dense)
-            kinds[name] = "expert"
-            specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), ms.shape))
+            s = 1.0 if layer in replicated else (scale if e in chosen else 0.0)
+            plan.groups.setdefault(dense, []).append(_ExpertTarget(name, e, s))
+            plan.consumed.add(dense)
+            plan.kinds[name] = "expert"
+            plan.specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), ms.shape))
         elif name in untouched:
-            kinds[name] = "copy"
-            specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), ms.shape))
+            plan.kinds[name] = "copy"
+            plan.specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), ms.shape))
         elif name in src.shapes:
             want = src.base_shape(name)
             if ms.shape != want:
@@ -589,85 +876,24 @@ def graft(
                 )
             if not is_float(ms.dtype):
                 raise CheckpointError(f"{m.tensors[name].file}: tensor {name!r} is {ms.dtype}, not floating point")
-            consumed.add(name)
-            kinds[name] = "shared"
-            specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), src.shapes[name]))
+            plan.consumed.add(name)
+            plan.kinds[name] = "shared"
+            plan.specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), src.shapes[name]))
         else:
             raise CheckpointError(
                 f"{m.tensors[name].file}: tensor {name!r} is neither an expert, a router nor a tensor of the "
                 f"base/post models ({src.label}); M does not match them"
             )
-    left = sorted(set(src.shapes) - consumed)
+    left = sorted(set(src.shapes) - plan.consumed)
     if left:
-        _, optional = arch.expected_dense_tensors(src.base_config, source=base_src)
+        _, optional = arch.expected_dense_tensors(src.base_config, source=f"{src.label} (base config)")
         if set(left) - optional:
             bad = sorted(set(left) - optional)
             raise CheckpointError(
                 f"{m.path}: has no counterpart for tensor(s) {bad[:5]} of the base/post models ({src.label}); "
                 "M was not upcycled from this base"
             )
-    changes = _post_config_changes(spec, src, moe_info, m)
-    planned = {s.name: s for s in specs}
-
-    def steps() -> Iterator[Step]:
-        done_groups: set[str] = set()
-        for s in specs:
-            kind = kinds[s.name]
-            if kind == "expert":
-                dense = expert_of[s.name][0]
-                if dense not in done_groups:
-                    done_groups.add(dense)
-                    yield from _expert_steps(m, src, dense, groups[dense])
-            elif kind == "copy":
-                shape = m.spec(s.name).shape
-                for a, b in row_chunks(shape):
-                    yield Step([Read(m, s.name, a, b)], partial(_copy_chunk, name=s.name, a=a))
-            else:
-                yield from _shared_steps(m, src, s.name, new_rows)
-
-    check_output_disk(out_path, specs, src.aux.aux_files())
-    inputs_ckpts = [m, *to_hash]
-    hashes = hash_in_background(*inputs_ckpts)
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
-        try:
-            run_steps(steps(), writer, planned, buffer_bytes=buffer_bytes, progress=progress, desc="graft")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        described = finish_hashes(hashes)
-        inputs = {"moe": described[0]}
-        if isinstance(src, PairDelta):
-            inputs["base"], inputs["post"] = described[1], described[2]
-            if check_base and upcycled_from and upcycled_from["sha256"] != described[1]["sha256"]:
-                raise CheckpointError(
-                    f"{src.base.path}: sha256 {described[1]['sha256'][:16]}... differs from the dense model "
-                    f"{upcycled_from['path']} (sha256 {upcycled_from['sha256'][:16]}...) that {m.path} was upcycled "
-                    "from; graft needs that exact base. If it is the same model re-saved, pass --no-check-base"
-                )
-        else:
-            inputs["delta"] = described[1]
-            inputs.update(src.recorded_inputs)
-        cfg = dict(m.config)
-        cfg.update({k: v for k, v in changes.items() if v is not None})
-        for k in [k for k, v in changes.items() if v is None]:
-            cfg.pop(k, None)
-        if dtype != "auto":
-            set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]))
-        write_json(tmp / "config.json", cfg)
-        copy_aux_files(src.aux, tmp)
-        params = {
-            "experts": chosen, "scale": float(scale), "replicated_layers_get": "full delta in every expert",
-            "new_rows": new_rows, "dtype": dtype, "check_base": check_base,
-            "added_rows": {n: [r, src.shapes[n][0]] for n, r in src.rows.items()
-                           if src.shapes[n] and r < src.shapes[n][0] and n in consumed},
-            "config_from_post": changes, "max_shard_bytes": max_shard_bytes,
-        }
-        manifest = new_manifest(m_manifest, stage="graft", params=params, inputs=inputs, command=command)
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
-    return out_path
+    return plan
 
 
 def _expert_steps(m: Checkpoint, src: DeltaSource, dense: str, targets: list[_ExpertTarget]) -> Iterator[Step]:

@@ -29,6 +29,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,16 +53,21 @@ from deltamoe.delta import (
     DeltaSource,
     PairDelta,
     RowMean,
+    WeightedInput,
     added_rows_steps,
+    check_artifact_bases,
+    check_configs,
     check_dtype_arg,
     check_new_rows,
+    check_same_delta,
     natural_key,
     out_dtype_code,
     pair_rows,
     refuse_new_rows,
     set_config_dtype,
+    weighted_inputs,
 )
-from deltamoe.engine import Out, Read, Step, add32, row_chunks, run_steps
+from deltamoe.engine import Out, Read, Step, add32, f32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
@@ -166,7 +172,8 @@ def merge(
     *,
     method: Method,
     base: str | os.PathLike[str] | None = None,
-    delta: str | os.PathLike[str] | tuple[str | os.PathLike[str], float | None] | None = None,
+    delta: WeightedInput | list[WeightedInput] | None = None,
+    post: WeightedInput | list[WeightedInput] | None = None,
     density: float | None = None,
     lambda_: float = 1.0,
     seed: int = 0,
@@ -186,10 +193,14 @@ def merge(
     Args:
         models: the models to merge, each a path or (path, weight); a string ``PATH:WEIGHT``
             is parsed. Weights default to 1. For ``paramdelta`` give the continued-pretrained
-            model C and the post-trained model P (in that order), or only C with ``delta``.
-        base: the common base B (required except for ``paramdelta`` with ``delta``).
-        delta: a delta artifact (``deltamoe delta extract``) used as one more task vector
-            (weight 1 or the given one); for ``paramdelta`` it replaces B and P.
+            model C and the post-trained model P (in that order), or only C with ``delta``
+            and/or ``post``.
+        base: the common base B (required except for ``paramdelta`` with ``delta`` only).
+        delta: a delta artifact (``deltamoe delta extract``), or a list of them, each a path,
+            ``"PATH:WEIGHT"`` or ``(path, weight)`` (weight 1 by default): more task vectors.
+            For ``paramdelta`` they replace B and P: C + Σ wᵢ Dᵢ.
+        post: ``paramdelta`` only: post-trained models Pᵢ (same forms as ``delta``), giving
+            C + Σ wᵢ (Pᵢ − B); may be combined with ``delta``.
         density: fraction of each task vector kept by ties/dare (required there, in (0, 1]).
         lambda_: factor on the combined task vector (mergekit's ``lambda``).
         seed: seeds DARE's random masks.
@@ -199,41 +210,14 @@ def merge(
         new_rows: vocabulary rows the tokenizer source has beyond the base: "post" (its
             values), "mean" (mean of the merged rows) or "error".
         tokenizer_from: the input whose tokenizer files, chat template, generation config and
-            config are copied; default the delta artifact if given, else the last model.
+            config are copied; default the first ``post``, else the first ``delta``, else the
+            last model.
         dtype: "auto" (the first model's stored dtypes) or float32/bfloat16/float16.
     """
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {list(METHODS)}, got {method!r}")
-    check_dtype_arg(dtype)
-    check_new_rows(new_rows)
-    if rescale not in ("l1", "inverse", "none"):
-        raise UsageError(f"--rescale must be l1, inverse or none, got {rescale!r}")
-    if method in _SPARSE:
-        if density is None:
-            raise UsageError(f"--method {method} needs --density (the fraction of each task vector kept, e.g. 0.5)")
-        if not 0 < density <= 1:
-            raise UsageError(f"--density must be in (0, 1], got {density}")
-    elif density is not None:
-        raise UsageError(f"--density applies to ties, dare_linear and dare_ties, not {method}")
-    if lambda_ != lambda_ or abs(lambda_) == float("inf"):
-        raise UsageError(f"--lambda must be a finite number, got {lambda_}")
+    _check_options(method, density, lambda_, rescale, dtype, new_rows)
     parsed = [_as_weighted(x) for x in models]
-    d_parsed = _as_weighted(delta) if delta is not None else None
-    if not parsed:
-        raise UsageError("give at least one --model")
-    if method == "paramdelta":
-        want = 1 if d_parsed else 2
-        if len(parsed) != want:
-            raise UsageError(
-                "paramdelta is C + (P - B): give --model C --model P with --base B, or --model C with --delta D "
-                f"(got {len(parsed)} --model)"
-            )
-        if any(w not in (None, 1.0) for _, w in [*parsed, *([d_parsed] if d_parsed else [])]) or lambda_ != 1:
-            raise UsageError("paramdelta takes no weights and no --lambda (use task_arithmetic for weighted sums)")
-        if base is None and not d_parsed:
-            raise UsageError("paramdelta needs --base B (or a delta artifact --delta D)")
-    elif base is None:
-        raise UsageError(f"--method {method} needs --base B")
+    d_parsed, p_parsed = weighted_inputs(delta, "--delta"), weighted_inputs(post, "--post")
+    _check_inputs(method, parsed, p_parsed, d_parsed, base, lambda_)
     if normalize is None:
         normalize = method == "ties"
     check_shard_size(max_shard_bytes)
@@ -241,44 +225,11 @@ def merge(
 
     b = open_checkpoint(base) if base is not None else None
     ckpts = [open_checkpoint(p) for p, _ in parsed]
-    art = ArtifactDelta(open_checkpoint(d_parsed[0])) if d_parsed else None
-    if art is not None and b is not None:
-        from deltamoe.delta import check_configs
-
-        check_configs(b.config, art.base_config, str(b.path / "config.json"), f"{art.label} (base config)")
-        pair_rows(b.path, {n: b.spec(n) for n in b.keys()}, b.config, art.ckpt)  # its config is P's
-
-    # anchor + task vectors
-    vectors: list[_Vector] = []
-    if method == "paramdelta":
-        anchor = ckpts[0]
-        if art is not None:
-            vectors.append(_Vector(art, 1.0, "delta"))
-            anchor_rows = pair_rows(
-                anchor.path, {n: TensorSpec(n, "F32", art.base_shape(n)) for n in art.shapes},
-                art.base_config, anchor,
-            )
-        else:
-            assert b is not None
-            vectors.append(_Vector(PairDelta(b, ckpts[1]), 1.0, "model_1"))
-            anchor_rows = PairDelta(b, anchor).rows
-        if any(anchor_rows[n] != (anchor.spec(n).shape[0] if anchor.spec(n).shape else 0) for n in anchor_rows):
-            grown = next(n for n in anchor_rows if anchor.spec(n).shape and anchor_rows[n] != anchor.spec(n).shape[0])
-            raise CheckpointError(
-                f"{anchor.tensors[grown].file}: tensor {grown!r} of the continued-pretrained model has more rows than "
-                "the base; paramdelta cannot merge two different vocabulary extensions"
-            )
-    else:
-        assert b is not None
-        anchor = b
-        for i, (c, (_, w)) in enumerate(zip(ckpts, parsed)):
-            vectors.append(_Vector(PairDelta(b, c), 1.0 if w is None else w, f"model_{i}"))
-        if art is not None:
-            assert d_parsed is not None
-            vectors.append(_Vector(art, 1.0 if d_parsed[1] is None else d_parsed[1], "delta"))
+    anchor, vectors, extra = _open_vectors(method, b, ckpts, parsed, p_parsed, d_parsed)
+    arts = [v.src for v in extra if isinstance(v.src, ArtifactDelta)]
 
     # the tokenizer (and config) source and the vocabulary rows it brings
-    tok_ckpt, tok_vec = _tokenizer_source(tokenizer_from, ckpts, b, vectors)
+    tok_ckpt, tok_vec = _tokenizer_source(tokenizer_from, ckpts, b, vectors, extra[0] if extra else vectors[-1])
     for v in vectors:
         refuse_new_rows(v.src, new_rows)
         if v is tok_vec:
@@ -293,78 +244,33 @@ def merge(
     first = ckpts[0]
     names = sorted(anchor.keys(), key=natural_key)
     out_shapes = {n: (tok_vec.src.shapes[n] if tok_vec else anchor.spec(n).shape) for n in names}
-    known_rows = {n: (vectors[0].src.rows[n]) for n in names}
     specs = [TensorSpec(n, out_dtype_code(first.spec(n).dtype, dtype), out_shapes[n]) for n in names]
     sparse = _SPARSE.get(method)
-    weights = [v.weight for v in vectors]
-    consensus = method in _CONSENSUS
-
-    def steps() -> Iterator[Step]:
-        for n in names:
-            shape = out_shapes[n]
-            grown = bool(shape) and known_rows[n] < shape[0]
-            mean = RowMean() if grown and new_rows == "mean" else None
-            ranges: list[tuple[int | None, int | None]]
-            if sparse is None:  # elementwise: stream in row chunks
-                ranges = row_chunks(shape, 0, known_rows[n])
-            elif grown:  # ties/dare see the rows shared with the base as one tensor
-                ranges = [(0, known_rows[n])]
-            else:
-                ranges = [(None, None)]
-            for a, bb in ranges:
-                reads: list[Read] = [Read(anchor, n, a, bb)]
-                fns: list[tuple[int, int, Callable[[list[torch.Tensor]], torch.Tensor]]] = []
-                for v in vectors:
-                    r, fn = v.src.delta(n, a, bb)
-                    fns.append((len(reads), len(reads) + len(r), fn))
-                    reads.extend(r)
-
-                def compute(ts: list[torch.Tensor], n=n, a=a, fns=fns, mean=mean) -> list[Out]:
-                    deltas = [fn(ts[i:j]) for i, j, fn in fns]
-                    if sparse == "magnitude":
-                        deltas = [magnitude_prune(d, density) for d in deltas]  # type: ignore[arg-type]
-                    elif sparse == "random":
-                        deltas = [
-                            random_drop(d, density, rescale, _generator(seed, n, v.label))  # type: ignore[arg-type]
-                            for d, v in zip(deltas, vectors)
-                        ]
-                    if method == "paramdelta":
-                        mixed = deltas[0]
-                    else:
-                        mixed = combine(deltas, weights, consensus=consensus, normalize=bool(normalize), lambda_=lambda_)
-                    del deltas
-                    o = add32(ts[0], mixed, scratch=True)  # the output piece: consumed at once
-                    if mean is not None:
-                        mean.add(o)
-                    return [(n, a, o)]
-
-                yield Step(reads, compute, check_inputs=sparse is not None)  # TIES/DARE drop NaNs
-            if grown:
-                assert tok_vec is not None
-                yield from added_rows_steps(tok_vec.src, n, new_rows, mean)
+    job = _Job(method, anchor, vectors, tok_vec, out_shapes, {n: vectors[0].src.rows[n] for n in names}, sparse,
+               density, rescale, seed, bool(normalize), lambda_, new_rows)
 
     check_output_disk(out_path, specs, tok_ckpt.aux_files())
-    to_hash = [*([b] if b is not None else []), *ckpts, *([art.ckpt] if art is not None else [])]
+    to_hash = [*([b] if b is not None else []), *ckpts, *(v.src.aux for v in extra)]
     hashes = hash_in_background(*to_hash)
     planned = {s.name: s for s in specs}
     with atomic_output_dir(out_path, force=force) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         try:
-            run_steps(steps(), writer, planned, buffer_bytes=buffer_bytes, progress=progress, desc=f"merge {method}")
+            run_steps(_steps(job, names), writer, planned, buffer_bytes=buffer_bytes, progress=progress,
+                      desc=f"merge {method}")
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        described = hashes.result()
+        described = iter(hashes.result())
         inputs: dict[str, dict[str, Any]] = {}
-        k = 0
         if b is not None:
-            inputs["base"] = described[0]
-            k = 1
+            inputs["base"] = next(described)
         for i in range(len(ckpts)):
-            inputs[f"model_{i}"] = described[k + i]
-        if art is not None:
-            inputs["delta"] = described[-1]
+            inputs[f"model_{i}"] = next(described)
+        for v in extra:
+            inputs[v.label] = next(described)
+        for art in arts:
             if b is not None and art.base_sha256 != inputs["base"]["sha256"]:
                 raise CheckpointError(
                     f"{art.label}: this delta was extracted against the base {art.recorded_inputs['base']['path']} "
@@ -389,6 +295,168 @@ def merge(
     return out_path
 
 
+def _check_options(method: str, density: float | None, lambda_: float, rescale: str, dtype: str,
+                   new_rows: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {list(METHODS)}, got {method!r}")
+    check_dtype_arg(dtype)
+    check_new_rows(new_rows)
+    if rescale not in ("l1", "inverse", "none"):
+        raise UsageError(f"--rescale must be l1, inverse or none, got {rescale!r}")
+    if method in _SPARSE:
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (the fraction of each task vector kept, e.g. 0.5)")
+        if not 0 < density <= 1:
+            raise UsageError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise UsageError(f"--density applies to ties, dare_linear and dare_ties, not {method}")
+    if lambda_ != lambda_ or abs(lambda_) == float("inf"):
+        raise UsageError(f"--lambda must be a finite number, got {lambda_}")
+
+
+Weighted = list[tuple[str, "float | None"]]
+
+
+def _check_inputs(method: str, parsed: Weighted, p_parsed: Weighted, d_parsed: Weighted, base: Any,
+                  lambda_: float) -> None:
+    if not parsed:
+        raise UsageError("give at least one --model")
+    if method != "paramdelta":
+        if p_parsed:
+            raise UsageError(f"--post is for paramdelta; for {method} give each post-trained model as "
+                             "--model P[:WEIGHT]")
+        if base is None:
+            raise UsageError(f"--method {method} needs --base B")
+        return
+    want = 1 if d_parsed or p_parsed else 2
+    if len(parsed) != want:
+        raise UsageError(
+            "paramdelta is C + (P - B): give --model C --model P with --base B, or --model C with --delta D "
+            f"and/or --post P (repeatable, with weights D:W, P:W) (got {len(parsed)} --model)"
+        )
+    if any(w not in (None, 1.0) for _, w in parsed) or lambda_ != 1:
+        raise UsageError("paramdelta takes no weights on --model and no --lambda; weigh the deltas with "
+                         "--post P:W or --delta D:W (or use task_arithmetic for weighted sums)")
+    if base is None and (p_parsed or not d_parsed):
+        raise UsageError("paramdelta needs --base B (or delta artifacts only: --model C --delta D)")
+
+
+def _open_vectors(
+    method: str, b: Checkpoint | None, ckpts: list[Checkpoint], parsed: Weighted, p_parsed: Weighted,
+    d_parsed: Weighted,
+) -> tuple[Checkpoint, list[_Vector], list[_Vector]]:
+    """The anchor, every task vector, and those of them given as --post/--delta (posts first), checked."""
+    arts = [ArtifactDelta(open_checkpoint(p)) for p, _ in d_parsed]
+    for art in arts:
+        if b is not None:
+            check_configs(b.config, art.base_config, str(b.path / "config.json"), f"{art.label} (base config)")
+            pair_rows(b.path, {n: b.spec(n) for n in b.keys()}, b.config, art.ckpt)  # its config is P's
+        elif art is not arts[0]:
+            check_same_delta(arts[0], art)
+    check_artifact_bases(arts)
+    extra: list[_Vector] = []
+    for i, (p, w) in enumerate(p_parsed):
+        assert b is not None
+        extra.append(_Vector(PairDelta(b, open_checkpoint(p)), 1.0 if w is None else w, f"post_{i}"))
+    for i, (art, (_, w)) in enumerate(zip(arts, d_parsed)):
+        extra.append(_Vector(art, 1.0 if w is None else w, "delta" if len(arts) == 1 else f"delta_{i}"))
+
+    vectors: list[_Vector] = []
+    if method == "paramdelta":
+        anchor = ckpts[0]
+        if len(ckpts) == 2:
+            assert b is not None
+            vectors.append(_Vector(PairDelta(b, ckpts[1]), 1.0, "model_1"))
+        if arts:
+            anchor_rows = pair_rows(
+                anchor.path, {n: TensorSpec(n, "F32", arts[0].base_shape(n)) for n in arts[0].shapes},
+                arts[0].base_config, anchor,
+            )
+        else:
+            assert b is not None
+            anchor_rows = PairDelta(b, anchor).rows
+        if any(anchor_rows[n] != (anchor.spec(n).shape[0] if anchor.spec(n).shape else 0) for n in anchor_rows):
+            grown = next(n for n in anchor_rows if anchor.spec(n).shape and anchor_rows[n] != anchor.spec(n).shape[0])
+            raise CheckpointError(
+                f"{anchor.tensors[grown].file}: tensor {grown!r} of the continued-pretrained model has more rows than "
+                "the base; paramdelta cannot merge two different vocabulary extensions"
+            )
+    else:
+        assert b is not None
+        anchor = b
+        for i, (c, (_, w)) in enumerate(zip(ckpts, parsed)):
+            vectors.append(_Vector(PairDelta(b, c), 1.0 if w is None else w, f"model_{i}"))
+    return anchor, [*vectors, *extra], extra
+
+
+@dataclass(frozen=True)
+class _Job:
+    method: str
+    anchor: Checkpoint
+    vectors: list[_Vector]
+    tok_vec: _Vector | None
+    out_shapes: dict[str, tuple[int, ...]]
+    known_rows: dict[str, int]
+    sparse: str | None
+    density: float | None
+    rescale: Rescale
+    seed: int
+    normalize: bool
+    lambda_: float
+    new_rows: str
+
+
+def _steps(job: _Job, names: list[str]) -> Iterator[Step]:
+    for n in names:
+        shape = job.out_shapes[n]
+        grown = bool(shape) and job.known_rows[n] < shape[0]
+        mean = RowMean() if grown and job.new_rows == "mean" else None
+        ranges: list[tuple[int | None, int | None]]
+        if job.sparse is None:  # elementwise: stream in row chunks
+            ranges = row_chunks(shape, 0, job.known_rows[n])
+        elif grown:  # ties/dare see the rows shared with the base as one tensor
+            ranges = [(0, job.known_rows[n])]
+        else:
+            ranges = [(None, None)]
+        for a, bb in ranges:
+            reads: list[Read] = [Read(job.anchor, n, a, bb)]
+            fns: list[tuple[int, int, Callable[[list[torch.Tensor]], torch.Tensor]]] = []
+            for v in job.vectors:
+                r, fn = v.src.delta(n, a, bb)
+                fns.append((len(reads), len(reads) + len(r), fn))
+                reads.extend(r)
+            yield Step(reads, partial(_compute, job=job, n=n, a=a, fns=fns, mean=mean),
+                       check_inputs=job.sparse is not None)  # TIES/DARE drop NaNs
+        if grown:
+            assert job.tok_vec is not None
+            yield from added_rows_steps(job.tok_vec.src, n, job.new_rows, mean)
+
+
+def _compute(ts: list[torch.Tensor], *, job: _Job, n: str, a: int | None, fns: list[tuple[int, int, Any]],
+             mean: RowMean | None) -> list[Out]:
+    deltas = [fn(ts[i:j]) for i, j, fn in fns]
+    weights = [v.weight for v in job.vectors]
+    if job.sparse == "magnitude":
+        deltas = [magnitude_prune(d, job.density) for d in deltas]  # type: ignore[arg-type]
+    elif job.sparse == "random":
+        deltas = [
+            random_drop(d, job.density, job.rescale, _generator(job.seed, n, v.label))  # type: ignore[arg-type]
+            for d, v in zip(deltas, job.vectors)
+        ]
+    if job.method == "paramdelta" and len(deltas) == 1 and weights[0] == 1:
+        mixed = deltas[0]
+    elif job.method == "paramdelta":  # C + Σ wᵢ δᵢ, in float32 in the order given
+        mixed = combine([f32(d) for d in deltas], weights, consensus=False, normalize=False, lambda_=1.0)
+    else:
+        mixed = combine(deltas, weights, consensus=job.method in _CONSENSUS, normalize=job.normalize,
+                        lambda_=job.lambda_)
+    del deltas
+    o = add32(ts[0], mixed, scratch=True)  # the output piece: consumed at once
+    if mean is not None:
+        mean.add(o)
+    return [(n, a, o)]
+
+
 def _as_weighted(x: Any) -> tuple[str, float | None]:
     if isinstance(x, tuple):
         path, w = x
@@ -409,15 +477,16 @@ def _tokenizer_source(
     ckpts: list[Checkpoint],
     base: Checkpoint | None,
     vectors: list[_Vector],
+    default: _Vector,
 ) -> tuple[Checkpoint, _Vector | None]:
     """The input whose tokenizer, chat template and config the output gets, and its task vector.
 
     Only that input may bring vocabulary rows the base lacks; an input without a task vector
-    (the base, or paramdelta's C) brings none.
+    (the base, or paramdelta's C) brings none. ``default``: the first --post or --delta, else
+    the last model.
     """
     if tokenizer_from is None:
-        v = vectors[-1]  # the delta artifact if given (it is last), else the last model
-        return v.src.aux, v
+        return default.src.aux, default
     want = Path(tokenizer_from).expanduser().resolve()
     for v in vectors:
         if v.src.aux.path.resolve() == want:
