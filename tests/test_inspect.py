@@ -166,8 +166,9 @@ def test_moe_new_experts_against_expert0(variant: str, dense_model, tmp_path: Pa
     assert s["ratio"] == pytest.approx(math.sqrt((1 + 4 + 1) / 3), rel=1e-12)
     routers = {w["info"]["names"]["router"].format(layer=i) for i in range(n_layers)}
     assert not routers & {t["name"] for t in res["tensors"]}
-    assert any("expert-0 tensors: frozen" in n for n in res["notes"])
-    assert any("shared tensors of M (frozen there)" in n for n in res["notes"])
+    assert any("expert-0 tensors: bit-identical to B" in n for n in res["notes"])
+    n_shared = sum(len(r["tensors"]) for r in shared)
+    assert f"U = 0 in {n_shared - 1} of {n_shared} shared tensors of M (bit-identical to B there)" in res["notes"]
     # with a delta artifact and no base: the new experts only, same numbers
     d = extract_delta(w["B"], w["P"], tmp_path / "D", progress=False)
     res2 = inspect_conflict(tmp_path / "out2", delta=d, moe=w["M"], progress=False)

@@ -302,14 +302,16 @@ def _measure(steps: list[Step]) -> None:
 def _frozen_notes(targets: list[Target]) -> list[str]:
     """Say where U is exactly 0: frozen tensors (expected for expert 0 and the shared tensors of an MoE)."""
     notes = []
-    for kind, label in (("dense", "tensors of B'"), ("shared", "shared tensors of M"), ("expert0", "expert-0 tensors"),
-                        ("new", "new-expert tensors")):
+    kinds = (("dense", "tensors of B'", "bit-identical to B"), ("shared", "shared tensors of M", "bit-identical to B"),
+             ("expert0", "expert-0 tensors", "bit-identical to B"),
+             ("new", "new-expert tensors", "identical to expert 0, untrained"))
+    for kind, label, what in kinds:
         mine = [t for t in targets if (t.kind if t.kind != "expert" else "expert0" if t.expert == 0 else "new") == kind]
         zero = sum(t.acc.uu == 0 for t in mine)
         if zero == len(mine) and mine:
-            notes.append(f"U = 0 in all {len(mine)} {label}: frozen, bit-identical to B")
+            notes.append(f"U = 0 in all {len(mine)} {label}: {what}")
         elif zero:
-            notes.append(f"U = 0 in {zero} of {len(mine)} {label} (frozen there)")
+            notes.append(f"U = 0 in {zero} of {len(mine)} {label} ({what} there)")
     return notes
 
 
