@@ -265,6 +265,30 @@ def merge(
     typer.echo(f"wrote {path}")
 
 
+@app.command("inspect")
+@_reports_errors
+def inspect_(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for inspect.json and inspect.png.")],
+    base: Annotated[str | None, typer.Option("--base", "-b", help="Base dense model B.")] = None,
+    post: Annotated[str | None, typer.Option("--post", "-p", help="Post-trained model P (Δ = P - B).")] = None,
+    delta: Annotated[
+        str | None, typer.Option("--delta", "-d", help="Delta artifact from 'deltamoe delta extract' (instead of --post).")
+    ] = None,
+    cpt: Annotated[str | None, typer.Option("--cpt", help="Dense continued-pretrained model B' (U = B' - B).")] = None,
+    moe: Annotated[
+        str | None, typer.Option("--moe", "-m", help="MoE after CPT (U = expert e - expert 0; M - B elsewhere).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Where the CPT update U and the post-training delta P - B collide: norms, ratio, cosine per layer and group."""
+    from deltamoe.inspect import format_table, inspect_conflict
+
+    result = inspect_conflict(out, base=base, post=post, delta=delta, cpt=cpt, moe=moe, force=force, progress=not quiet)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {result['out']}")
+
+
 delta_app = typer.Typer(help="The post-training delta P - B as a reusable artifact.", no_args_is_help=True)
 app.add_typer(delta_app, name="delta")
 
