@@ -8,7 +8,7 @@ and the tensors M shares with B (zero where stage 1 kept them frozen, and report
 
 Everything streams: tensors are read in row chunks by the engine's reader thread, each chunk's
 three dot products go into float64 sums, and nothing but those sums is kept. Δ comes from the
-same sources as graft's (:func:`deltamoe.delta.open_delta_source`).
+same sources as graft's (:func:`deltamoe.delta.open_deltas`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from deltamoe import __version__, arch
 from deltamoe.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, check_output, open_checkpoint, write_json
-from deltamoe.delta import _STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, natural_key, open_delta_source, pair_rows
+from deltamoe.delta import _STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, natural_key, open_deltas, pair_rows
 from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, diff32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.inspect_output import Acc, Target, format_table, plot, summary_rows, table_rows, totals
@@ -102,9 +102,9 @@ def _check_base_of_artifact(b: Checkpoint, src: ArtifactDelta) -> None:
 def _open_delta(base: Any, post: Any, delta: Any) -> tuple[DeltaSource, Checkpoint | None]:
     """Δ (from B and P, or from an artifact) and B where one is given."""
     if delta is None:
-        src, _ = open_delta_source(base, post, None)
+        src = open_deltas(base, post, None).terms[0].src
         return src, cast(PairDelta, src).base
-    src, _ = open_delta_source(None, post, delta)
+    src = open_deltas(None, post, delta).terms[0].src
     b = open_checkpoint(base) if base is not None else None
     if b is not None:
         _check_base_of_artifact(b, cast(ArtifactDelta, src))
