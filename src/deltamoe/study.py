@@ -170,7 +170,7 @@ def run_study(path: str | os.PathLike[str], *, dry_run: bool = False, progress: 
 
     spec, sdir = load_study(path)
     workdir, runs = plan_runs(spec, sdir)
-    todo: dict[str, str] = {}  # out dir -> kind, over all runs (shared stages count once)
+    todo: dict[str, str] = {}  # stage directory name -> kind, over all runs (shared stages count once)
     for run in runs:
         rpath = _write_run(run, workdir)
         try:
@@ -178,7 +178,7 @@ def run_study(path: str | os.PathLike[str], *, dry_run: bool = False, progress: 
         except UsageError as e:
             flat = " ".join(line.strip() for line in str(e).splitlines())
             raise UsageError(f"{path}: variant {run['variant']!r}, seed {run['seed']}: {flat}") from None
-        todo.update({p["out"]: p["kind"] for p in plan if not p["cached"]})
+        todo.update({Path(p["out"]).name: p["kind"] for p in plan if not p["cached"]})
     log(f"study {spec.name}: {len(runs)} runs ({len(spec.variants)} variants x {len(spec.seeds)} seeds), "
         f"{len(todo)} stages to run, work directory {workdir}")
     if dry_run:
