@@ -19,6 +19,7 @@ _LAZY = {
     "graft": "deltamoe.delta",
     "extract_delta": "deltamoe.delta",
     "merge": "deltamoe.merge",
+    "expand_blocks": "deltamoe.expand",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from deltamoe.checkpoint import open_checkpoint
     from deltamoe.delta import extract_delta, graft
     from deltamoe.errors import DeltaMoEError
+    from deltamoe.expand import expand_blocks
     from deltamoe.merge import merge
     from deltamoe.upcycle import upcycle
 
