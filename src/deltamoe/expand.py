@@ -218,6 +218,29 @@ def _check_plan(specs: list[TensorSpec], cfg: dict[str, Any], zeroed: Sequence[s
 
 
 # -- the operation -----------------------------------------------------------------------
+def _write_tensors(ckpt: Checkpoint, writer: ShardedWriter, prefix: str, sources: list[int], new: set[int],
+                   zeroed: Sequence[str], bar: Any) -> None:
+    """Every input tensor once: to its own output and to each new block that copies its layer."""
+    outputs: dict[int, list[int]] = {}
+    for j, i in enumerate(sources):
+        outputs.setdefault(i, []).append(j)
+    for name in ckpt.keys():
+        parsed = split_layer_name(name, prefix)
+        if parsed is None:
+            writer.copy_from(name, ckpt.tensors[name])
+            bar.update(writer.spec(name).nbytes)
+            continue
+        i, rest = parsed
+        for j in outputs[i]:
+            target = f"{prefix}{j}.{rest}"
+            s = writer.spec(target)
+            if j in new and _is_zeroed(rest, zeroed):  # the identity block's output projections
+                writer.write(target, torch.zeros(s.shape, dtype=torch_dtype(s.dtype)))
+            else:  # unchanged bytes, copied in the kernel
+                writer.copy_from(target, ckpt.tensors[name])
+            bar.update(s.nbytes)
+
+
 def expand_blocks(
     dense: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -264,30 +287,12 @@ def expand_blocks(
     check_output_disk(out_path, specs, ckpt.aux_files())
     check_finite_tensors(ckpt)
     hashes = hash_in_background(ckpt)
-    new_set = set(new_layers)
     with atomic_output_dir(out_path, force=force) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="expand",
                    disable=not progress, file=sys.stderr)
         try:
-            outputs: dict[int, list[int]] = {}
-            for j, i in enumerate(sources):
-                outputs.setdefault(i, []).append(j)
-            for name in ckpt.keys():
-                parsed = split_layer_name(name, prefix)
-                if parsed is None:
-                    writer.copy_from(name, ckpt.tensors[name])
-                    bar.update(writer.spec(name).nbytes)
-                    continue
-                i, rest = parsed
-                for j in outputs[i]:
-                    target = f"{prefix}{j}.{rest}"
-                    s = writer.spec(target)
-                    if j in new_set and _is_zeroed(rest, zeroed):  # the identity block's output projections
-                        writer.write(target, torch.zeros(s.shape, dtype=torch_dtype(s.dtype)))
-                    else:  # unchanged bytes, copied in the kernel
-                        writer.copy_from(target, ckpt.tensors[name])
-                    bar.update(s.nbytes)
+            _write_tensors(ckpt, writer, prefix, sources, set(new_layers), zeroed, bar)
             writer.close()
         except BaseException:
             writer.abort()

@@ -177,6 +177,24 @@ def _config_changes(src: DeltaSource, sources: list[int]) -> dict[str, Any]:
     return {k: cp.get(k) for k in sorted(set(cb) | set(cp)) if k not in _DTYPE_KEYS and cb.get(k) != cp.get(k)}
 
 
+def _inputs(src: DeltaSource, described: list[dict[str, Any]], m: Checkpoint, expanded_from: dict[str, Any] | None,
+            check_base: bool) -> dict[str, dict[str, Any]]:
+    """The graft's recorded inputs; a (B, P) pair's B must be the model ``m`` was expanded from."""
+    inputs = {"model": described[0]}
+    if isinstance(src, PairDelta):
+        inputs["base"], inputs["post"] = described[1], described[2]
+        if check_base and expanded_from and expanded_from["sha256"] != described[1]["sha256"]:
+            raise CheckpointError(
+                f"{src.base.path}: sha256 {described[1]['sha256'][:16]}... differs from the dense model "
+                f"{expanded_from['path']} that {m.path} was expanded from; graft needs that exact base. "
+                "If it is the same model re-saved, pass --no-check-base"
+            )
+    else:
+        inputs["delta"] = described[1]
+        inputs.update(src.recorded_inputs)
+    return inputs
+
+
 def graft_expanded(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -231,19 +249,7 @@ def graft_expanded(
         except BaseException:
             writer.abort()
             raise
-        described = finish_hashes(hashes)
-        inputs = {"model": described[0]}
-        if isinstance(src, PairDelta):
-            inputs["base"], inputs["post"] = described[1], described[2]
-            if check_base and expanded_from and expanded_from["sha256"] != described[1]["sha256"]:
-                raise CheckpointError(
-                    f"{src.base.path}: sha256 {described[1]['sha256'][:16]}... differs from the dense model "
-                    f"{expanded_from['path']} that {m.path} was expanded from; graft needs that exact base. "
-                    "If it is the same model re-saved, pass --no-check-base"
-                )
-        else:
-            inputs["delta"] = described[1]
-            inputs.update(src.recorded_inputs)
+        inputs = _inputs(src, finish_hashes(hashes), m, expanded_from, check_base)
         cfg = dict(m.config)
         cfg.update({k: v for k, v in changes.items() if v is not None})
         for k in [k for k, v in changes.items() if v is None]:
