@@ -138,7 +138,8 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
     size = SIZES["small"]
     phase = size.posts[0].phase
     # the toy's own post-training recipe: P's lr and batch, its language-model replay rows per step
-    assert stages["ceiling"].params == {"steps": 2 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
+    # P's steps once per language (en, vel, kyr, tol): P spends all of its steps on one language
+    assert stages["ceiling"].params == {"steps": 4 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
                                         "lm_rows": size.sft_lm_rows, "lm_weight": size.sft_lm_weight,
                                         "seq_len": size.seq_len, "seed": 0}
     assert size.sft_lm_rows == 16

@@ -20,6 +20,7 @@ _LAZY = {
     "extract_delta": "deltamoe.delta",
     "merge": "deltamoe.merge",
     "inspect_conflict": "deltamoe.inspect",
+    "expand_blocks": "deltamoe.expand",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from deltamoe.delta import extract_delta, graft
     from deltamoe.errors import DeltaMoEError
     from deltamoe.inspect import inspect_conflict
+    from deltamoe.expand import expand_blocks
     from deltamoe.merge import merge
     from deltamoe.upcycle import upcycle
 

@@ -141,6 +141,32 @@ def upcycle(
 
 @app.command()
 @_reports_errors
+def expand(
+    dense: Annotated[str, typer.Argument(help="Dense checkpoint: local directory or Hugging Face Hub id.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the expanded dense checkpoint.")],
+    blocks: Annotated[int | None, typer.Option("--blocks", "-n", help="New decoder blocks to add (N >= 1).")] = None,
+    match_experts: Annotated[
+        int | None,
+        typer.Option(help="Instead of --blocks: as many new parameters as the new experts of an E-expert upcycle."),
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Block expansion (LLaMA-Pro): add N identity decoder blocks; the model computes what it computed."""
+    from deltamoe.errors import UsageError
+    from deltamoe.expand import blocks_matching, expand_blocks
+
+    if (blocks is None) == (match_experts is None):
+        raise UsageError("give exactly one of --blocks N or --match-experts E")
+    n = blocks if blocks is not None else blocks_matching(dense, int(match_experts))  # type: ignore[arg-type]
+    path = expand_blocks(dense, out, blocks=n, force=force, max_shard_bytes=parse_size(shard_size),
+                         progress=not quiet, command=["deltamoe", *sys.argv[1:]])
+    typer.echo(f"wrote {path} ({n} new blocks)")
+
+
+@app.command()
+@_reports_errors
 def archs() -> None:
     """List the supported dense families and the MoE architecture each becomes."""
     from deltamoe.arch import families
@@ -176,7 +202,8 @@ _NEW_ROWS_HELP = "Vocabulary rows P has and B lacks: P's values (post), the mean
 @_reports_errors
 def graft(
     out: Annotated[Path, typer.Argument(help="Output directory for the grafted MoE.")],
-    moe: Annotated[str, typer.Option("--moe", "-m", help="The MoE M (upcycled from B, usually continued-pretrained).")],
+    moe: Annotated[str, typer.Option("--moe", "-m", help="The MoE M (upcycled from B, usually continued-pretrained), "
+                                      "or a block-expanded dense model (deltamoe expand).")],
     base: Annotated[str | None, typer.Option("--base", "-b", help="Base dense model B.")] = None,
     post: Annotated[
         list[str] | None,

@@ -715,6 +715,9 @@ def graft(
     first delta is the primary: tokenizer files, config changes and added vocabulary rows are
     its own, and the others may add no rows.
 
+    A block-expanded dense model (``deltamoe expand``) in place of the MoE is grafted by
+    :func:`deltamoe.expand_graft.graft_expanded`.
+
     Args:
         experts: which experts of each MoE layer get the FFN delta: "all" (default),
             "original" (expert 0), "new", or a list of ids. Layers kept dense in a Mixtral
@@ -739,6 +742,16 @@ def graft(
     check_shard_size(max_shard_bytes)
     out_path = check_output(out, force=force)
     m = open_checkpoint(moe)
+    from deltamoe.expand_graft import expand_block, graft_expanded
+
+    if expand_block(m) is not None:  # a block-expanded dense model (deltamoe expand): its own rules
+        if experts != "all" or scale != 1:
+            raise UsageError(f"{m.path}: --experts and --scale apply to MoEs; this is a block-expanded dense model")
+        return graft_expanded(
+            moe, out, base=base, post=post, delta=delta, new_rows=new_rows, dtype=dtype, check_base=check_base,
+            force=force, max_shard_bytes=max_shard_bytes, buffer_bytes=buffer_bytes, progress=progress,
+            command=command,
+        )
     m_manifest, moe_info = _moe_block(m)
     chosen = parse_experts(experts, moe_info)
     deltas = open_deltas(base, post, delta)

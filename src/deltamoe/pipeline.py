@@ -111,7 +111,9 @@ def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
     size = SIZES[recipe.toy.size]
     phase = size.posts[0].phase
     c = recipe.ceiling
-    return {"steps": c.steps or 2 * phase.steps, "lr": c.lr or phase.lr, "batch_size": c.batch_size or phase.batch_size,
+    n_langs = len(recipe.languages.original) + len(recipe.languages.new)
+    return {"steps": c.steps or n_langs * phase.steps, "lr": c.lr or phase.lr,
+            "batch_size": c.batch_size or phase.batch_size,
             "lm_rows": size.sft_lm_rows if c.lm_rows is None else c.lm_rows, "lm_weight": size.sft_lm_weight,
             "seq_len": size.seq_len}
 

@@ -145,6 +145,8 @@ def new_manifest(
     moe = moe if moe is not None else (previous or {}).get("moe")
     if moe is not None:
         out["moe"] = moe
+    if previous and "expand" in previous:  # a block-expanded model stays one through training and graft
+        out["expand"] = previous["expand"]
     return out
 
 
@@ -177,5 +179,13 @@ def write_model_card(directory: str | os.PathLike[str], manifest: dict[str, Any]
             f"`{moe['architecture']}`; MoE layers: {moe['moe_layers']}.",
             f"Expert allocation: {json.dumps(moe['allocation']) if moe['allocation'] else 'none given'}.",
             "Load with `transformers.AutoModelForCausalLM.from_pretrained(path)`; no remote code needed.",
+        ]
+    exp = manifest.get("expand")
+    if exp:
+        lines += [
+            "",
+            f"Block expansion (LLaMA-Pro): {exp['original_layers']} original decoder layers of family "
+            f"`{exp['family']}` and {exp['new_blocks']} new ones (layers {exp['new_layers']}), "
+            f"{exp['num_layers']} in all.",
         ]
     Path(directory, "README.md").write_text("\n".join(lines) + "\n")

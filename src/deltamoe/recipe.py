@@ -64,8 +64,8 @@ class ToySpec(_Strict):
 
 class CeilingSpec(_Strict):
     """The alignment ceiling: B' post-trained on chat data in every language (toy only), with the
-    toy's own post-training recipe. Defaults: twice the steps of the toy's instruct recipe (four
-    languages share them), its lr and batch, and its language-model replay rows per step, drawn
+    toy's own post-training recipe. Defaults: the toy's instruct recipe's steps once per language
+    (P spends them all on the original language), its lr and batch, and its language-model replay rows per step, drawn
     here from the new languages' CPT corpora (B''s training text) and the replay set."""
 
     steps: int | None = Field(None, gt=0)

@@ -18,7 +18,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from deltamoe.errors import UsageError
 
@@ -271,12 +280,48 @@ class DenseCptLosses(_Strict):
 
 
 class DenseCptTrainable(_Strict):
-    """What trains in dense continued pre-training (default: everything)."""
+    """What trains in dense continued pre-training (default: everything).
+
+    ``layers`` restricts training to those decoder blocks (their FFN, attention and norms, as
+    the three flags say); everything outside them (embeddings, final norm, LM head) stays frozen.
+    ``new`` means the blocks that ``deltamoe expand`` added (read from the model's deltamoe.json).
+    Without ``layers`` the field is left out of the dumped config, so configs, their digests and
+    cache keys read as they did before it existed.
+    """
 
     ffn: bool = True
     attention: bool = True
     norms: bool = True
     embeddings: bool = Field(True, description="Input embeddings and LM head.")
+    layers: list[int] | Literal["new"] | None = Field(
+        None, description="Train only these decoder blocks (indices, or 'new': the blocks deltamoe expand added)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_freeze_embeddings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("layers") is not None:
+            if data.get("embeddings"):
+                raise ValueError("embeddings cannot train with trainable.layers (only the listed decoder blocks train)")
+            data = {**data, "embeddings": False}
+        return data
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_list(cls, v: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("selects no layer")
+            if min(v) < 0 or len(set(v)) != len(v):
+                raise ValueError(f"layer indices must be distinct and non-negative, got {v}")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if self.layers is None:
+            out.pop("layers", None)
+        return out
 
 
 class DenseCptConfig(_StageConfig):

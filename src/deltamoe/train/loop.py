@@ -41,7 +41,7 @@ from deltamoe.train import losses as L
 from deltamoe.train.config import AnyStageConfig, load_config
 from deltamoe.train.model import Layout, RouterCapture, load_for_training, write_trained
 from deltamoe.train import routing as R
-from deltamoe.train.policy import apply_policy
+from deltamoe.train.policy import apply_policy, resolve_layers
 from deltamoe.train.routing import RouterMask
 
 _CKPT = re.compile(r"^step-(\d+)$")
@@ -510,7 +510,9 @@ def train(
     out_path = check_output(cfg.output, force=force)
     writable_dir(cfg.resolved_run_dir, "run_dir (logs and step checkpoints)")
     ckpt = open_checkpoint(cfg.model)
-    moe = _require_moe(ckpt.path, read_manifest(ckpt.path), cfg.stage)
+    in_manifest = read_manifest(ckpt.path)
+    moe = _require_moe(ckpt.path, in_manifest, cfg.stage)
+    train_layers = resolve_layers(cfg.trainable, in_manifest, int(ckpt.config.get("num_hidden_layers") or 0), ckpt.path)
     check_finite_tensors(ckpt)  # NaN/Inf weights would train into a NaN model
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cfg.data.seq_len > max_pos:
@@ -569,7 +571,7 @@ def train(
     model, layout = load_for_training(
         ckpt, moe, progress=show and acc.is_main_process, experts_implementation=cfg.train.experts_implementation
     )
-    policy = apply_policy(model, layout, cfg.trainable)
+    policy = apply_policy(model, layout, cfg.trainable, layers=train_layers)
     if policy.trainable_params == 0:
         raise UsageError("trainable: nothing trains in this model with these settings")
     _check_disk(cfg, ckpt, policy.trainable_params, stop_after)
@@ -768,6 +770,8 @@ def train(
                 "heldout_loss_before": run.heldout_before,
                 "heldout_loss_after": final_eval["heldout_loss"] if final_eval else None,
             }
+            if train_layers is not None:
+                summary["trained_layers"] = train_layers
             with atomic_output_dir(out_path, force=force) as tmp:
                 counts_w = write_trained(ckpt, layout, state, set(policy.trainable_names), tmp)
                 shutil.copyfile(ckpt.path / "config.json", tmp / "config.json")
