@@ -438,9 +438,10 @@ CPT_KNOWN_MISS = True
 
 
 # Languages where the ceiling misses its absolute target (>= 0.6 chat QA) on the shipped set with
-# the demo's settings: vel 0.575, tol 0.335 (demo run of 2026-12-02, docs/results.md). Its margin
-# over P (>= 0.2) holds in every new language. Listed so that the test fails once they are met.
-CEILING_KNOWN_MISSES = {"vel", "tol"}
+# the demo's settings (P's steps once per language, language-model replay): tol 0.555 (vel 0.678,
+# kyr 0.748; test run of 2026-12-02). With twice P's steps it was vel 0.525, kyr 0.565, tol 0.403.
+# Its margin over P (>= 0.2) holds in every new language. Listed so that the test fails once met.
+CEILING_KNOWN_MISSES = {"tol"}
 
 
 @pytest.mark.slow
