@@ -177,6 +177,13 @@ class LossConfig(_Strict):
         "tagged", description="Tokens the LPR loss covers: every language-tagged token, or only those of the "
         "original languages (MoE-LPR's form: they learn to go to the original experts).")
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if self.lpr_tokens == "tagged":  # the default is left out: configs and digests stay as they were
+            out.pop("lpr_tokens", None)
+        return out
+
 
 class RoutingConfig(_Strict):
     allocated: bool = Field(
@@ -265,6 +272,13 @@ class PostPretrainConfig(_StageConfig):
     trainable: PostPretrainTrainable = PostPretrainTrainable()
     routing: RoutingConfig = RoutingConfig()
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.routing.allocated:  # the default is left out: configs and digests stay as they were
+            out.pop("routing", None)
+        return out
+
 
 class RouterReviewConfig(_StageConfig):
     """Stage 2: train the routers only, on a small replay mix, with language-prior routing."""
@@ -273,6 +287,13 @@ class RouterReviewConfig(_StageConfig):
     losses: RouterReviewLosses = RouterReviewLosses()
     trainable: RouterReviewTrainable = RouterReviewTrainable()
     routing: RoutingConfig = RoutingConfig()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.routing.allocated:  # the default is left out: configs and digests stay as they were
+            out.pop("routing", None)
+        return out
 
 
 class DenseCptLosses(_Strict):
