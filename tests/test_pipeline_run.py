@@ -60,7 +60,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["systems"]) == [
         "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "budget_matched", "moe_lpr", "deltamoe", "ceiling",
+        "budget_matched", "moe_lpr", "moe_unallocated", "deltamoe", "ceiling",
     ]
     for name, entry in results["systems"].items():
         # every evaluated checkpoint is named by its sha256, recomputed here from the files
