@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from deltamoe.cli import app
 from deltamoe.demo import demo_recipe_text
 from deltamoe.errors import UsageError
-from deltamoe.study import load_study, override, plan_runs, run_study
+from deltamoe.config_files import set_dotted
+from deltamoe.study import load_study, plan_runs, run_study
 from deltamoe.study_report import bootstrap
 
 
@@ -75,13 +76,13 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_items() -> None:
 
 def test_override_sets_nested_fields_and_refuses_values_as_sections() -> None:
     r = {"train": {"post_pretrain": {"train": {"steps": 4}}}, "seed": 0}
-    override(r, "train.post_pretrain.routing.allocated", True, "v")
-    override(r, "train.post_pretrain.train.steps", 9, "v")
+    set_dotted(r, "train.post_pretrain.routing.allocated", True, "v")
+    set_dotted(r, "train.post_pretrain.train.steps", 9, "v")
     assert r["train"]["post_pretrain"] == {"train": {"steps": 9}, "routing": {"allocated": True}}
     with pytest.raises(UsageError, match="seed is a value, not a section"):
-        override(r, "seed.x", 1, "variant 'v'")
+        set_dotted(r, "seed.x", 1, "variant 'v'")
     with pytest.raises(UsageError, match="not a dotted field path"):
-        override(r, "train..x", 1, "variant 'v'")
+        set_dotted(r, "train..x", 1, "variant 'v'")
 
 
 @pytest.mark.parametrize(("fields", "message"), [

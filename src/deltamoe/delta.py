@@ -462,6 +462,18 @@ def check_dtype_arg(dtype: str) -> None:
         raise UsageError(f"--dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
 
 
+def output_config(config: dict[str, Any], changes: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The grafted model's config: M's, with P's config changes (a None value removes the key)
+    and the output dtype."""
+    cfg = dict(config)
+    cfg.update({k: v for k, v in changes.items() if v is not None})
+    for k in [k for k, v in changes.items() if v is None]:
+        cfg.pop(k, None)
+    if dtype != "auto":
+        set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]))
+    return cfg
+
+
 def set_config_dtype(cfg: dict[str, Any], code: str | None) -> None:
     name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code or "")
     if name is None:
@@ -808,13 +820,7 @@ def graft(
                 f"{upcycled_from['path']} (sha256 {upcycled_from['sha256'][:16]}...) that {m.path} was upcycled "
                 "from; graft needs that exact base. If it is the same model re-saved, pass --no-check-base"
             )
-        cfg = dict(m.config)
-        cfg.update({k: v for k, v in changes.items() if v is not None})
-        for k in [k for k, v in changes.items() if v is None]:
-            cfg.pop(k, None)
-        if dtype != "auto":
-            set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]))
-        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "config.json", output_config(m.config, changes, dtype))
         copy_aux_files(src.aux, tmp)
         params: dict[str, Any] = {"experts": chosen, "scale": float(scale)}
         if not deltas.single:

@@ -19,14 +19,12 @@ import torch
 from deltamoe import arch
 from deltamoe.checkpoint import (
     DEFAULT_SHARD_BYTES,
-    DTYPE_NAMES,
     Checkpoint,
     ShardedWriter,
     TensorSpec,
     atomic_output_dir,
     check_output,
     copy_aux_files,
-    dtype_code,
     open_checkpoint,
     write_json,
 )
@@ -43,8 +41,8 @@ from deltamoe.delta import (
     natural_key,
     open_deltas,
     out_dtype_code,
+    output_config,
     refuse_new_rows,
-    set_config_dtype,
 )
 from deltamoe.engine import Out, Read, Step, add32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError
@@ -251,13 +249,7 @@ def graft_expanded(
             writer.abort()
             raise
         inputs = _inputs(src, finish_hashes(hashes), m, expanded_from, check_base)
-        cfg = dict(m.config)
-        cfg.update({k: v for k, v in changes.items() if v is not None})
-        for k in [k for k, v in changes.items() if v is None]:
-            cfg.pop(k, None)
-        if dtype != "auto":
-            set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]))
-        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "config.json", output_config(m.config, changes, dtype))
         copy_aux_files(src.aux, tmp)
         params = {
             "target": "expanded", "new_layers_get": "nothing (copied)", "new_rows": new_rows, "dtype": dtype,

@@ -241,17 +241,10 @@ def _format_errors(e: ValidationError, source: str) -> str:
 
 def load_recipe(path: str | os.PathLike[str]) -> tuple[Recipe, Path]:
     """Parse and validate a recipe YAML; return it and its directory (relative paths resolve there)."""
-    import yaml
+    from deltamoe.config_files import read_yaml_mapping
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such recipe file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{p}: expected a mapping at the top level")
+    raw = read_yaml_mapping(p, "recipe")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:

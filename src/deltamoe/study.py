@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deltamoe.config_files import set_dotted
 from deltamoe.errors import UsageError
 
 class StudySpec(BaseModel):
@@ -67,17 +68,10 @@ class StudySpec(BaseModel):
 
 def load_study(path: str | os.PathLike[str]) -> tuple[StudySpec, Path]:
     """Parse and validate a study YAML; return it and its directory."""
-    import yaml
+    from deltamoe.config_files import read_yaml_mapping
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such study file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{p}: expected a mapping at the top level")
+    raw = read_yaml_mapping(p, "study")
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as e:
@@ -86,22 +80,6 @@ def load_study(path: str | os.PathLike[str]) -> tuple[StudySpec, Path]:
                 for err in e.errors()]
         raise UsageError(f"{p}: " + "; ".join(msgs)) from None
     return spec, p.parent.absolute()
-
-
-def override(recipe: dict[str, Any], dotted: str, value: Any, where: str) -> None:
-    """Set ``recipe[a][b][c] = value`` for ``a.b.c``, making the mappings on the way."""
-    node = recipe
-    parts = dotted.split(".")
-    if not all(parts):
-        raise UsageError(f"{where}: {dotted!r} is not a dotted field path (e.g. train.post_pretrain.train.steps)")
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.setdefault(part, {})
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise UsageError(f"{where}: {'.'.join(parts[: i + 1])} is a value, not a section; cannot set {dotted}")
-        node = nxt
-    node[parts[-1]] = value
 
 
 def _base_recipe(spec: StudySpec, sdir: Path) -> tuple[dict[str, Any], Path]:
@@ -135,7 +113,7 @@ def plan_runs(spec: StudySpec, sdir: Path) -> tuple[Path, list[dict[str, Any]]]:
         for seed in spec.seeds:
             recipe = copy.deepcopy(base)
             for dotted, value in changes.items():
-                override(recipe, dotted, value, f"variant {variant!r}")
+                set_dotted(recipe, dotted, value, f"variant {variant!r}")
             recipe.update(seed=seed, workdir=".", name=f"{spec.name}-{variant}-seed{seed}")
             runs.append({"variant": variant, "seed": seed, "dir": workdir / "runs" / variant / f"seed{seed}",
                          "recipe": recipe})

@@ -449,29 +449,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) to ``raw`` in place."""
     import yaml
 
+    from deltamoe.config_files import set_dotted
+
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
-    parts = key.strip().split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            try:
-                idx = int(part)
-                if last:
-                    node[idx] = yaml.safe_load(value)
-                else:
-                    node = node[idx]
-            except (ValueError, IndexError):
-                raise UsageError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a valid list index") from None
-            continue
-        if not isinstance(node, dict):
-            raise UsageError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section")
-        if last:
-            node[part] = yaml.safe_load(value)
-        else:
-            node = node.setdefault(part, {})
+    set_dotted(raw, key.strip(), yaml.safe_load(value), f"--set {item!r}")
 
 
 def load_config(
@@ -487,17 +470,10 @@ def load_config(
     elif isinstance(config, dict):
         raw, source = dict(config), "config"
     else:
-        import yaml
+        from deltamoe.config_files import read_yaml_mapping
 
         path = Path(config)
-        if not path.is_file():
-            raise UsageError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UsageError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{path}: expected a mapping of config fields at the top level")
+        loaded = read_yaml_mapping(path, "config", "a mapping of config fields")
         raw, source = _resolve_paths(loaded, path.parent.absolute()), str(path)
     for item in overrides or []:
         _apply_override(raw, item)
