@@ -60,7 +60,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["systems"]) == [
         "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "budget_matched", "moe_lpr", "moe_unallocated", "deltamoe", "ceiling",
+        "budget_matched", "block_expansion", "moe_lpr", "moe_unallocated", "deltamoe", "ceiling",
     ]
     for name, entry in results["systems"].items():
         # every evaluated checkpoint is named by its sha256, recomputed here from the files
@@ -101,6 +101,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     budget = results["budget_matched"]
     assert budget["dense_steps"] > 0 and abs(budget["dense_flops"] - budget["moe_flops"]) / budget["moe_flops"] < 0.1
     assert results["systems"]["deltamoe"]["routing"]["num_experts"] == 4
+    _check_block_expansion(results, report)
     # language allocation realised: read from results.json into the report, per system and language
     alloc_section = report.split("## Language allocation realised", 1)[1].split("\n## ", 1)[0]
     for name in ("moe_lpr", "deltamoe"):
@@ -122,6 +123,50 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
     second = run_recipe(recipe, progress=False, log=lambda m: None)
     assert second["executed"] == []
     assert json.loads((run_dir / "results.json").read_text())["systems"] == results["systems"]
+
+
+def _check_block_expansion(results: dict, report: str) -> None:
+    """The parameter-matched baseline: as many new parameters as the MoE's new experts (within half a
+    block), the original blocks of its CPT model are B's bytes, and the graft puts B + Δ = P there."""
+    import torch
+    from safetensors.torch import load_file
+
+    match = results["block_expansion"]
+    base = Checkpoint(results["systems"]["base"]["checkpoint"])
+    per_block = match["added_params"] / match["blocks"]
+    assert abs(match["added_params"] - match["moe_added_params"]) <= per_block / 2 + 4 * 4 * base.config["hidden_size"]
+    assert f"Block expansion adds {match['blocks']} decoder blocks" in report
+    assert f"{match['added_params']:,} parameters, against {match['moe_added_params']:,}" in report
+    stages = results["stages"]
+
+    def tensors(path: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    b, cpt = tensors(str(base.path)), tensors(stages["expand_cpt"]["out"])
+    p = tensors(results["systems"]["post"]["checkpoint"])
+    grafted = tensors(results["systems"]["block_expansion"]["checkpoint"])
+    sources = json.loads((Path(stages["expand"]["out"]) / "deltamoe.json").read_text())["expand"]["sources"]
+    new = set(match["new_layers"])
+    moved = trained = 0
+    for name, t in cpt.items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m is None:  # embeddings, final norm, LM head: frozen in CPT, Δ once in the graft
+            assert torch.equal(t, b[name]), name
+            assert torch.allclose(grafted[name], p[name], atol=1e-6), name
+            continue
+        j, rest = int(m.group(1)), m.group(2)
+        src = f"model.layers.{sources[j]}.{rest}"
+        if j in new:
+            assert torch.equal(grafted[name], t), name  # the new blocks are copied unchanged
+            trained += not torch.equal(t, b[src])
+        else:
+            assert torch.equal(t, b[src]), name  # frozen means bit-identical
+            assert torch.allclose(grafted[name], p[src], atol=1e-6), name
+            moved += 1
+    assert moved > 0 and trained > 0
 
 
 @pytest.mark.slow

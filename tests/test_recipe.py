@@ -200,3 +200,29 @@ def test_routing_options_do_not_change_keys_of_recipes_without_them(tmp_path: Pa
     assert "routing" not in _spec(spec)
     assert _spec(TrainSpec(data={"seq_len": 8, "sources": []}, routing={"allocated": True}))["routing"] == {
         "allocated": True}
+
+
+def test_block_expansion_is_expand_then_new_block_cpt_then_graft(tmp_path: Path) -> None:
+    """The parameter-matched baseline: expand B (blocks matched to the experts unless given), train
+    only the new blocks on stage 1's data and steps, graft Δ onto the expanded CPT model."""
+    from deltamoe.pipeline import build_plan
+
+    r = _demo()
+    r["baselines"] = ["post", "block_expansion"]
+    plan = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+    assert plan["expand"].kind == "expand" and plan["expand"].params == {"blocks": "match:4"}
+    assert plan["expand"].inputs == {"dense": "toy/base"}
+    cpt = plan["expand_cpt"]
+    assert cpt.inputs["model"] == "expand" and cpt.params["stage"] == "dense_cpt"
+    assert cpt.params["trainable"] == {"layers": "new"}
+    stage1 = r["train"]["post_pretrain"]
+    assert cpt.params["data"] == stage1["data"] and cpt.params["train"] == stage1["train"]
+    assert plan["block_expansion"].inputs == {"model": "expand_cpt", "base": "toy/base", "post": "toy/instruct"}
+    assert plan["eval-block_expansion"].inputs["model"] == "block_expansion"
+    r["block_expansion"] = {"blocks": 3, "train": {"lr": 1.0e-3}}
+    again = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+    assert again["expand"].params == {"blocks": 3} and again["expand"].key != plan["expand"].key
+    assert again["expand_cpt"].params["train"] == {**stage1["train"], "lr": 1.0e-3}
+    r["block_expansion"] = {"blocks": 0}
+    with pytest.raises(UsageError, match="block_expansion.blocks"):
+        load_recipe(_write(tmp_path, r))

@@ -25,6 +25,7 @@ _PLOT_BYTES = 60_000  # one report plot or routing heatmap (PNG)
 _RESULT_BYTES = 800  # results.json per system and language
 MOE_STAGES = ("upcycle", "post_pretrain", "router_review", "grafted", "deltamoe", "unallocated_post_pretrain",
               "unallocated_router_review", "unallocated_grafted", "moe_unallocated")
+EXPANDED_STAGES = ("expand", "expand_cpt", "block_expansion")  # B with new decoder blocks
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Shape:
     vocab: int
     tensors: int
     width: int  # bytes per stored element
+    block_params: int = 0  # one decoder block
+
+    def blocks_matching(self, experts: int) -> int:
+        """As :func:`deltamoe.expand.blocks_matching`: blocks with the parameters of E - 1 experts per layer."""
+        return max(1, math.floor((experts - 1) * self.ffn_params / self.block_params + 0.5))
+
+    def expanded(self, blocks: int) -> int:
+        return self.model_dir((self.params + blocks * self.block_params) * self.width, self.tensors + 9 * blocks)
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> Shape:
@@ -49,7 +58,7 @@ class Shape:
         tied = bool(c.get("tie_word_embeddings"))
         params = n * per_layer + (1 if tied else 2) * v * h + h
         width = 4 if str(c.get("torch_dtype", c.get("dtype", "bfloat16"))) == "float32" else 2
-        return cls(params, n * 3 * h * i, n, h, v, n * 9 + (2 if tied else 3), width)
+        return cls(params, n * 3 * h * i, n, h, v, n * 9 + (2 if tied else 3), width, per_layer)
 
     def model_dir(self, tensor_bytes: int, tensors: int) -> int:
         return tensor_bytes + _PER_TENSOR * tensors + _PER_VOCAB * self.vocab + _MODEL_FILES
@@ -67,12 +76,13 @@ class Shape:
             stage, self.params)
 
 
-def run_dir_bytes(shape: Shape, stage: str, experts: int, checkpoint: dict[str, Any]) -> int:
-    """A training stage's ``<out>.run``: logs and the step checkpoints it keeps."""
+def run_dir_bytes(shape: Shape, stage: str, experts: int, checkpoint: dict[str, Any], trained: int | None = None) -> int:
+    """A training stage's ``<out>.run``: logs and the step checkpoints it keeps (``trained``: the
+    stage's trainable parameters where the stage name does not say)."""
     if not checkpoint.get("every"):
         return _LOG_BYTES
     keep = int(checkpoint.get("keep_last", 2))
-    return _LOG_BYTES + keep * (3 * 4 * shape.trainable(stage, experts) + _STATE_BYTES)
+    return _LOG_BYTES + keep * (3 * 4 * (trained or shape.trainable(stage, experts)) + _STATE_BYTES)
 
 
 def toy_bytes(size: str, shape: Shape) -> int:
@@ -91,15 +101,24 @@ def toy_bytes(size: str, shape: Shape) -> int:
     return int(models + _PER_VOCAB * shape.vocab + 4_000 + corpora + 1_300 * cfg.n_people + 4_000)
 
 
-def stage_bytes(stage: Any, shape: Shape, experts: int, toy_size: str | None, moe_systems: set[str]) -> int:
-    """Bytes that ``stage`` (a :class:`deltamoe.recipe.StageRun`) writes: its output and run directory."""
+def stage_bytes(stage: Any, shape: Shape, experts: int, toy_size: str | None, moe_systems: set[str],
+                blocks: int | None = None) -> int:
+    """Bytes that ``stage`` (a :class:`deltamoe.recipe.StageRun`) writes: its output and run directory.
+    ``blocks``: the block-expansion baseline's new blocks (default: parameter-matched to the experts)."""
     if stage.kind == "toy_build":
         return toy_bytes(toy_size or "small", shape)
     if stage.kind == "eval":
         return _EVAL_BYTES + (_PLOT_BYTES if stage.inputs.get("model") in moe_systems else 0)
-    out = shape.moe(experts) if stage.name in MOE_STAGES else shape.dense()  # train, merge, toy_sft
+    n_blocks = blocks or shape.blocks_matching(experts)
+    if stage.name in MOE_STAGES:
+        out = shape.moe(experts)
+    elif stage.name in EXPANDED_STAGES:
+        out = shape.expanded(n_blocks)
+    else:  # train, merge, toy_sft
+        out = shape.dense()
     if stage.kind == "train":
-        out += run_dir_bytes(shape, stage.params["stage"], experts, stage.params.get("checkpoint") or {})
+        trained = n_blocks * shape.block_params if stage.name == "expand_cpt" else None
+        out += run_dir_bytes(shape, stage.params["stage"], experts, stage.params.get("checkpoint") or {}, trained)
     return out
 
 

@@ -12,6 +12,9 @@ Systems compared (all on the same inputs and evaluation):
     moe_unallocated the same upcycling, training and graft with learned routing only: no router
                     mask, no LPR loss (what the language allocation contributes)
     budget_matched  B'' + (P - B), where B'' is dense CPT with the same training FLOPs as the MoE run
+    block_expansion B with new identity decoder blocks (LLaMA-Pro), as many new parameters as the
+                    MoE's new experts, only they trained on stage 1's data, then P - B grafted onto
+                    the original blocks: the parameter-matched dense baseline
     ceiling         B' post-trained on chat data in every language (toy only): the path the method
                     avoids, an upper bound rather than a baseline
 
@@ -35,7 +38,8 @@ from deltamoe.errors import UsageError
 from deltamoe.preflight import human
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
 
-SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "moe_lpr",
+SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "block_expansion",
+                "moe_lpr",
                 "moe_unallocated", "deltamoe", "ceiling")
 UPPER_BOUNDS = ("ceiling",)
 
@@ -94,6 +98,8 @@ def check_train_sections(recipe: Recipe, source: str) -> None:
         stages.append(("router_review", "train.router_review", recipe.train.router_review.model_dump()))
     if recipe.wanted & {"dense_cpt", "paramdelta", "budget_matched", "ceiling", *MERGE_BASELINES}:
         stages.append(("dense_cpt", "dense_cpt", _dense_spec(recipe)))
+    if "block_expansion" in recipe.wanted:
+        stages.append(("dense_cpt", "block_expansion", _expansion_spec(recipe)))
     placeholder = Path("/nonexistent-until-run")
     for stage, where, spec in stages:
         cfg = _train_config(stage, spec, placeholder / "model", placeholder / "out", recipe.seed, placeholder / "toy")
@@ -150,6 +156,41 @@ def _dense_spec(recipe: Recipe) -> dict[str, Any]:
     return spec
 
 
+def _expansion_spec(recipe: Recipe) -> dict[str, Any]:
+    """The block-expansion baseline's training: stage 1's data and train section (overridden by
+    ``block_expansion.train``), dense CPT of the new blocks only."""
+    pp = recipe.train.post_pretrain
+    spec: dict[str, Any] = {"data": pp.data, "train": {**pp.train, **recipe.block_expansion.train},
+                            "trainable": {"layers": "new"}, "logging": recipe.block_expansion.logging}
+    engine = recipe.dense_cpt.distributed or pp.distributed
+    if engine:
+        spec["distributed"] = engine
+    return spec
+
+
+def parameter_match(expanded: Path, moe: Path, base: Path) -> dict[str, Any]:
+    """What the block-expansion baseline adds to B against what the upcycle adds (its new experts
+    and routers), counted from the checkpoints' headers."""
+    from deltamoe.checkpoint import Checkpoint
+
+    def total(p: Path) -> int:
+        return sum(math.prod(t.spec.shape) for t in Checkpoint(p).tensors.values())
+
+    n_base = total(base)
+    info = json.loads((expanded / "deltamoe.json").read_text())["expand"]
+    added, moe_added = total(expanded) - n_base, total(moe) - n_base
+    return {"blocks": info["new_blocks"], "new_layers": info["new_layers"], "base_params": n_base,
+            "added_params": added, "moe_added_params": moe_added, "ratio": added / moe_added}
+
+
+def base_ref_of(recipe: Recipe) -> str:
+    """The stage reference of B."""
+    if recipe.toy is not None:
+        return f"toy/{recipe.toy.base_model}"
+    assert recipe.models is not None
+    return f"ext:{recipe.models.base}"
+
+
 def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
     """Steps of dense CPT with the same training FLOPs as the MoE's stage 1 + stage 2 (see module doc)."""
     c = _param_counts(base)
@@ -199,10 +240,11 @@ def build_plan(
 
         add("toy", "toy_build", {"size": size, "seed": seed}, {}, build_toy)
         toy_role = {"toy": "toy"}
-        base_ref, post_ref = f"toy/{recipe.toy.base_model}", f"toy/{recipe.toy.post_model}"
+        post_ref = f"toy/{recipe.toy.post_model}"
     else:
         assert recipe.models is not None
-        base_ref, post_ref = f"ext:{recipe.models.base}", f"ext:{recipe.models.post}"
+        post_ref = f"ext:{recipe.models.post}"
+    base_ref = base_ref_of(recipe)
 
     def toy_of(inp: dict[str, Path]) -> Path | None:
         return inp.get("toy")
@@ -319,6 +361,27 @@ def build_plan(
             {"cpt": "dense_cpt_budget", "base": base_ref, "post": post_ref}, merger("paramdelta", "dense_cpt_budget"))
         systems["budget_matched"] = "budget_matched"
 
+    if "block_expansion" in wanted:
+        be, expansion_spec = recipe.block_expansion, _expansion_spec(recipe)
+
+        def do_expand(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.expand import blocks_matching, expand_blocks
+
+            blocks = be.blocks or blocks_matching(inp["dense"], up.experts)
+            expand_blocks(inp["dense"], out, blocks=blocks, progress=progress)
+
+        def do_graft_expanded(inp: dict[str, Path], out: Path) -> None:
+            from deltamoe.expand_graft import graft_expanded
+
+            graft_expanded(inp["model"], out, base=inp["base"], post=inp["post"], dtype=g.dtype, progress=progress)
+
+        add("expand", "expand", {"blocks": be.blocks or f"match:{up.experts}"}, {"dense": base_ref}, do_expand)
+        add("expand_cpt", "train", {"stage": "dense_cpt", **expansion_spec, "seed": recipe.seed},
+            {"model": "expand", **toy_role}, trainer("dense_cpt", expansion_spec))
+        add("block_expansion", "graft", {"target": "expanded", "dtype": g.dtype},
+            {"model": "expand_cpt", "base": base_ref, "post": post_ref}, do_graft_expanded)
+        systems["block_expansion"] = "block_expansion"
+
     if "ceiling" in wanted:
         assert recipe.toy is not None
         ceiling = _ceiling_params(recipe)
@@ -424,7 +487,8 @@ def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> d
         return {s.name: None for s in stages}
     shape = Shape.from_config(c)
     toy = recipe.toy.size if recipe.toy else None
-    return {s.name: stage_bytes(s, shape, recipe.upcycle.experts, toy, set(MOE_STAGES)) for s in stages}
+    return {s.name: stage_bytes(s, shape, recipe.upcycle.experts, toy, set(MOE_STAGES), recipe.block_expansion.blocks)
+            for s in stages}
 
 
 def _report_estimate(recipe: Recipe, ctx: dict[str, Any]) -> int:
@@ -478,6 +542,8 @@ def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
     if recipe.train.router_review is not None:
         out.append(("train.router_review", recipe.train.router_review.model_dump()))
     out.append(("dense_cpt", _dense_spec(recipe)))
+    if "block_expansion" in recipe.wanted:
+        out.append(("block_expansion", _expansion_spec(recipe)))
     return out
 
 
@@ -583,6 +649,9 @@ def run_recipe(
         budget_file = Path(str(by_name["dense_cpt_budget"].out) + ".run") / "budget.json"
         if budget_file.is_file():
             extra["budget_matched"] = json.loads(budget_file.read_text())
+    if "expand" in by_name and by_name["expand"].out.is_dir():
+        extra["block_expansion"] = parameter_match(by_name["expand"].out, by_name["upcycle"].out,
+                                                   ref_path(base_ref_of(recipe), by_name, rdir))
     languages = {"original": recipe.languages.original, "new": recipe.languages.new}
     results = collect(systems, languages, extra)
     logs = {name: Path(str(by_name[name].out) + ".run") / "logs" / "train.jsonl"

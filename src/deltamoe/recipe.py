@@ -27,7 +27,7 @@ RECIPE_VERSION = 1  # part of every cache key: bump when a stage's meaning chang
 
 Baseline = Literal[
     "base", "post", "dense_cpt", "paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "moe_lpr", "moe_unallocated", "budget_matched", "ceiling",
+    "moe_lpr", "moe_unallocated", "budget_matched", "block_expansion", "ceiling",
 ]
 ALL_BASELINES: tuple[str, ...] = Baseline.__args__  # type: ignore[attr-defined]
 MERGE_BASELINES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -141,6 +141,17 @@ class DenseCptSpec(_Strict):
     distributed: dict[str, Any] | None = Field(None, description="Default: stage 1's.")
 
 
+class BlockExpansionSpec(_Strict):
+    """The parameter-matched dense baseline (LLaMA-Pro, docs/expand.md): B with new identity decoder
+    blocks, only those trained on stage 1's data, then Δ grafted onto the original blocks."""
+
+    blocks: int | None = Field(None, ge=1, description="New decoder blocks. Default: as many parameters as the "
+                               "MoE's new experts (deltamoe.expand.blocks_matching).")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of stage 1's train section "
+                                  "(default: stage 1's steps, batch and lr: the same tokens on as many new parameters).")
+    logging: dict[str, Any] = Field(default_factory=dict)
+
+
 class GraftSpec(_Strict):
     experts: str = Field("all", description="all | original | new | comma-separated expert ids")
     scale: float = 1.0
@@ -179,6 +190,7 @@ class Recipe(_Strict):
     upcycle: UpcycleSpec = UpcycleSpec()
     train: TrainStages
     dense_cpt: DenseCptSpec = DenseCptSpec()
+    block_expansion: BlockExpansionSpec = BlockExpansionSpec()
     graft: GraftSpec = GraftSpec()
     baselines: list[Baseline] = Field(default_factory=lambda: list(ALL_BASELINES))
     merge: MergeSpec = MergeSpec()

@@ -26,6 +26,7 @@ LABELS = {
     "dare_linear": "DARE linear",
     "dare_ties": "DARE-TIES",
     "budget_matched": "B'' + Δ (FLOP-matched CPT)",
+    "block_expansion": "B + new blocks + Δ (parameter-matched, LLaMA-Pro)",
     "moe_lpr": "MoE-LPR (no Δ)",
     "moe_unallocated": "MoE, learned routing only, + Δ",
     "deltamoe": "DeltaMoE",
@@ -363,6 +364,17 @@ def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Pa
             f"MoE training: {budget['moe_tokens']:,} tokens × 6 × {budget['n_active_moe']:,} active parameters = "
             f"{budget['moe_flops']:.3e} FLOPs. Dense CPT: {budget['dense_steps']} steps × 6 × {budget['n_dense']:,} "
             f"parameters = {budget['dense_flops']:.3e} FLOPs (6·N·tokens; see `deltamoe.pipeline`).",
+            "",
+        ]
+    match = results.get("block_expansion")
+    if match:
+        lines += [
+            "## Parameter-matched dense baseline",
+            "",
+            f"Block expansion adds {match['blocks']} decoder blocks (output layers {match['new_layers']}): "
+            f"{match['added_params']:,} parameters, against {match['moe_added_params']:,} for the MoE's new experts "
+            f"and routers (ratio {match['ratio']:.3f}). Only the new blocks train, on stage 1's data and steps; "
+            "Δ is grafted onto the original blocks.",
             "",
         ]
     if made:
