@@ -28,6 +28,9 @@ from deltamoe.recipe import load_recipe
 def _recipe(work: Path, toy_micro: Path) -> Path:
     r = yaml.safe_load(demo_recipe_text())
     r["toy"] = {"size": "micro", "seed": 0}
+    # every kind of training stage (MoE stage 1, router review, dense CPT, new-block CPT) and one
+    # system built on each; the merges, the ceiling and the evaluations run on rank 0 only
+    r["baselines"] = ["post", "dense_cpt", "paramdelta", "moe_lpr", "block_expansion"]
     for stage in ("post_pretrain", "router_review"):
         train = r["train"][stage]["train"]
         train.pop("grad_accum", None)
@@ -60,6 +63,7 @@ def _run(recipe: Path, nproc: int) -> dict:
 def test_two_processes_give_the_same_results_and_hashes(tmp_path, toy_micro) -> None:
     one = _run(_recipe(tmp_path / "one", toy_micro), 1)
     two = _run(_recipe(tmp_path / "two", toy_micro), 2)
+    assert list(one["systems"]) == ["post", "dense_cpt", "paramdelta", "block_expansion", "moe_lpr", "deltamoe"]
     assert list(one["systems"]) == list(two["systems"])
     for name in one["systems"]:
         assert one["systems"][name]["sha256"] == two["systems"][name]["sha256"], name
