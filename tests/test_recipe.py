@@ -73,6 +73,15 @@ def test_bad_recipes_name_the_field(tmp_path: Path, mutate, message: str) -> Non
     assert message in str(e.value)
 
 
+def test_top_k_per_language_must_name_a_recipe_language(tmp_path: Path) -> None:
+    r = _demo()
+    r["train"]["router_review"]["routing"] = {"top_k": {"en": 1, "xx": 1}}
+    with pytest.raises(UsageError, match=r"train\.router_review\.routing\.top_k\.xx: 'xx' is not one of the recipe's languages"):
+        run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)
+    r["train"]["router_review"]["routing"] = {"top_k": {"en": 1}}
+    assert run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)["plan"]
+
+
 def test_training_sections_are_validated_before_anything_runs(tmp_path: Path) -> None:
     r = _demo()
     r["train"]["router_review"]["train"]["stpes"] = 3

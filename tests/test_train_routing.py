@@ -10,7 +10,7 @@ from train_world import base_config, documents, make_moe, write_txt
 
 import deltamoe
 from deltamoe.checkpoint import open_checkpoint
-from deltamoe.train.routing import RouterMask, masked_choice, original_languages, route_matrix
+from deltamoe.train.routing import RouterMask, keep_first, masked_choice, original_languages, route_matrix
 
 ALLOC = {"en": [0], "xx": [1], "yy": [2, 3]}
 LANGS = ["en", "xx", "yy"]
@@ -150,3 +150,69 @@ def test_lpr_tokens_original_changes_training_and_allocated_routing_needs_an_all
     with pytest.raises(UsageError, match="routing.allocated needs a language -> expert allocation"):
         deltamoe.train(base_config(bare, tmp_path / "x", [{"path": str(xx)}], routing={"allocated": True}))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_keep_first_drops_each_languages_later_choices(normalise: bool) -> None:
+    weights = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]])
+    tagged = torch.tensor([True, True, True, False])
+    keep = torch.tensor([1, 2, 3, 1])  # the untagged last token keeps all three whatever keep says
+    out = keep_first(weights, tagged, keep, normalise)
+    if normalise:
+        want = [[1.0, 0.0, 0.0], [5 / 9, 4 / 9, 0.0], [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]
+    else:
+        want = [[0.6, 0.0, 0.0], [0.5, 0.4, 0.0], [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]
+    assert torch.allclose(out, torch.tensor(want))
+    assert torch.equal(out[3], weights[3])
+
+
+def test_top_k_per_language_on_a_model(tmp_path: Path) -> None:
+    """With ``top_k`` per language (no allocation mask), an en token (top_k 1) routes to its best
+    expert alone with weight 1, an xx token (the model's top-2) and an untagged token keep the stock
+    choice and weights."""
+    from transformers import AutoModelForCausalLM
+
+    moe = make_moe(tmp_path, variant="llama-untied-gqa", experts=4, top_k=2, allocation=ALLOC, noise=0.05)
+    model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    routers = [m for n, m in model.named_modules() if n.endswith(".gate") and hasattr(m, "top_k")]
+    stock_out: list[tuple[torch.Tensor, ...]] = []
+    probe = routers[0].register_forward_hook(lambda m, a, out: stock_out.append(out))
+    ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stock = model(ids)
+    probe.remove()
+    mask = RouterMask(routers, torch.ones(3, 4, dtype=torch.bool), torch.tensor([1, 2, 2]))
+    seen: list[tuple[torch.Tensor, ...]] = []
+    probe = routers[0].register_forward_hook(lambda m, a, out: seen.append(out))  # runs after the mask
+    lang = torch.tensor([-1, 0, 1] * 16)
+    with torch.no_grad(), mask.tokens(lang):
+        masked = model(ids)
+    (logits, s_weights, s_index), (_, weights, index) = stock_out[0], seen[0]
+    en, other = lang == 0, lang != 0
+    assert torch.equal(index[en][:, 0], logits[en].argmax(-1))
+    assert torch.equal(weights[en][:, 0], torch.ones(int(en.sum()))) and torch.all(weights[en][:, 1] == 0)
+    assert torch.equal(index[other], s_index[other]) and torch.allclose(weights[other], s_weights[other])
+    assert not torch.equal(masked.logits, stock.logits)
+    mask.remove()
+    probe.remove()
+
+
+def test_top_k_per_language_trains_and_refuses_bad_values(tmp_path: Path) -> None:
+    from deltamoe.errors import UsageError
+    from deltamoe.train.config import RoutingConfig
+
+    assert RoutingConfig().model_dump() == {"allocated": False}  # the default leaves digests as they were
+    moe = make_moe(tmp_path / "m", experts=3, top_k=2, allocation={"en": [0], "xx": [1, 2]}, noise=0.05)
+    xx = write_txt(tmp_path / "xx.txt", documents("xx", 80, 3))
+    en = write_txt(tmp_path / "en.txt", documents("en", 80, 4))
+    src = [{"path": str(xx), "lang": "xx", "weight": 1}, {"path": str(en), "lang": "en", "weight": 1}]
+    deltamoe.train(base_config(moe, tmp_path / "free", src, train={"steps": 4}))
+    deltamoe.train(base_config(moe, tmp_path / "k1", src, train={"steps": 4}, routing={"top_k": {"xx": 1}}))
+    assert _changed(tmp_path / "free", tmp_path / "k1")  # xx tokens ran on one expert, not two
+    assert not (_expert_keys(moe, 0) & _changed(moe, tmp_path / "k1"))  # expert 0 stays frozen
+    for top_k, message in (({"zz": 1}, "routing.top_k.zz: 'zz' is not one of the model's languages"),
+                           ({"xx": 3}, r"routing.top_k.xx = 3: more than the model's top-k \(2\)"),
+                           ({"xx": 0}, "top_k.xx = 0: a token needs at least one expert")):
+        with pytest.raises(UsageError, match=message):
+            deltamoe.train(base_config(moe, tmp_path / "bad", src, routing={"top_k": top_k}))
+        assert not (tmp_path / "bad").exists()

@@ -107,6 +107,11 @@ def check_train_sections(recipe: Recipe, source: str) -> None:
             load_config(cfg)
         except UsageError as e:
             raise UsageError(f"{source}: {where}: {str(e).removeprefix('config: ')}") from None
+        langs = [*recipe.languages.original, *recipe.languages.new]
+        for lang in (spec.get("routing") or {}).get("top_k") or {}:
+            if lang not in langs:
+                raise UsageError(f"{source}: {where}.routing.top_k.{lang}: {lang!r} is not one of the recipe's "
+                                 f"languages ({', '.join(langs)})")
 
 
 def _ceiling_params(recipe: Recipe) -> dict[str, Any]:

@@ -121,7 +121,8 @@ class TrainSpec(_Strict):
     logging: dict[str, Any] = Field(default_factory=dict)
     distributed: dict[str, Any] = Field(default_factory=dict)
     routing: dict[str, Any] = Field(default_factory=dict, description="Routing options of MoE stages, e.g. "
-                                    "{allocated: true} for language-allocated routing (docs/training.md).")
+                                    "{allocated: true} for language-allocated routing, {top_k: {en: 1}} for top-k per "
+                                    "language (docs/training.md).")
 
 
 class TrainStages(_Strict):

@@ -189,6 +189,28 @@ class RoutingConfig(_Strict):
     allocated: bool = Field(
         False, description="Language-allocated routing in training: a token tagged with language L may only use "
         "L's experts and the original experts (a router mask; evaluation and serving route freely).")
+    top_k: dict[str, int] = Field(
+        default_factory=dict, description="Top-k per language in training: a token tagged with language L uses only "
+        "its first top_k[L] expert choices (1 up to the model's top-k; e.g. {en: 1}); untagged tokens and languages "
+        "not named use the model's top-k. Evaluation and serving use the model's top-k.")
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        for lang, k in v.items():
+            if k < 1:
+                raise ValueError(f"top_k.{lang} = {k}: a token needs at least one expert (use 1 or more)")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.top_k:  # the default is left out: configs and digests stay as they were
+            out.pop("top_k", None)
+        return out
+
+    def is_default(self) -> bool:
+        return not self.allocated and not self.top_k
 
 
 class PostPretrainLosses(LossConfig):
@@ -275,7 +297,7 @@ class PostPretrainConfig(_StageConfig):
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if not self.routing.allocated:  # the default is left out: configs and digests stay as they were
+        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
             out.pop("routing", None)
         return out
 
@@ -291,7 +313,7 @@ class RouterReviewConfig(_StageConfig):
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if not self.routing.allocated:  # the default is left out: configs and digests stay as they were
+        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
             out.pop("routing", None)
         return out
 

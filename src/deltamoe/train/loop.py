@@ -89,7 +89,8 @@ def _accelerator(precision: str, grad_accum: int) -> Any:
 def _routing_rules(cfg: AnyStageConfig, moe: Mapping[str, Any] | None, layout: Layout,
                    allocation: Mapping[str, list[int]], lang_names: list[str], device: Any
                    ) -> tuple[RouterMask | None, torch.Tensor | None]:
-    """The stage's routing options: the router mask of language-allocated routing (or None) and,
+    """The stage's routing options: the router mask of language-allocated routing and of top-k per
+    language (or None) and,
     for ``losses.lpr_tokens: original``, which language ids the LPR loss keeps (None: all tagged)."""
     routing = getattr(cfg, "routing", None)
     losses = cfg.losses
@@ -104,9 +105,22 @@ def _routing_rules(cfg: AnyStageConfig, moe: Mapping[str, Any] | None, layout: L
             "(e.g. --allocate en=0 --allocate el=1,2)"
         )
     mask = None
-    if routing is not None and routing.allocated:
-        route = R.route_matrix(allocation, lang_names, layout.num_experts, original).to(device)
-        mask = RouterMask([lay.router for lay in layout.routed_layers], route)
+    per_lang = dict(routing.top_k) if routing is not None else {}
+    for lang, k in per_lang.items():
+        if lang not in lang_names:
+            raise UsageError(f"routing.top_k.{lang}: {lang!r} is not one of the model's languages "
+                             f"({', '.join(lang_names) or 'none'}); name a language of its allocation")
+        if k > layout.top_k:
+            raise UsageError(f"routing.top_k.{lang} = {k}: more than the model's top-k ({layout.top_k}); "
+                             f"use 1 to {layout.top_k}")
+    if routing is not None and (routing.allocated or per_lang):
+        if routing.allocated:
+            route = R.route_matrix(allocation, lang_names, layout.num_experts, original)
+        else:
+            route = torch.ones(len(lang_names), layout.num_experts, dtype=torch.bool)
+        kept = torch.tensor([per_lang.get(name, layout.top_k) for name in lang_names]) if per_lang else None
+        mask = RouterMask([lay.router for lay in layout.routed_layers], route.to(device),
+                          kept.to(device) if kept is not None else None)
     keep = None
     if getattr(losses, "lpr_tokens", "tagged") == "original":
         orig_langs = set(R.original_languages(allocation, original))

@@ -8,6 +8,11 @@ emit their unmasked logits, which the routing losses (LPR, balance) and the logg
 shares read, so the routers learn to choose by themselves what the mask enforces, and
 evaluation and serving run without language tags, as a served model must.
 
+With ``routing.top_k`` (per language) a token tagged with language L uses only its first
+``top_k[L]`` choices: the later ones get weight 0 and the kept weights are renormalised where the
+family renormalises (``{en: 1}``: an original-language token goes top-1 to its best expert, which
+under the mask is expert 0). Like the mask it acts in training forwards only.
+
 The mask is a forward hook on each router module that recomputes the top-k choice and weights
 from the masked logits, the same way the router computes them (float softmax, top-k, and the
 renormalisation the family uses), so the experts implementation is untouched.
@@ -51,12 +56,24 @@ def masked_choice(logits: torch.Tensor, allowed: torch.Tensor, top_k: int, norma
     return weights, index
 
 
+def keep_first(weights: torch.Tensor, tagged: torch.Tensor, keep: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """Top-k ``weights`` [T, K] (best first) with the choices after each tagged token's ``keep`` [T]
+    set to 0, renormalised to sum 1 where ``normalise``; untagged tokens unchanged."""
+    slot = torch.arange(weights.shape[1], device=weights.device)
+    drop = tagged[:, None] & (slot[None, :] >= keep[:, None])
+    out = weights.masked_fill(drop, 0.0)
+    if normalise:
+        out = out / out.sum(dim=-1, keepdim=True)
+    return torch.where(tagged[:, None], out, weights)
+
+
 class RouterMask:
     """Forward hooks that restrict each router's choice to the experts its token's language may
     use, while :meth:`tokens` is active."""
 
-    def __init__(self, routers: Sequence[nn.Module], route: torch.Tensor):
+    def __init__(self, routers: Sequence[nn.Module], route: torch.Tensor, top_k: torch.Tensor | None = None):
         self.route = route
+        self.top_k = top_k  # [n_langs] expert choices each language keeps; None: the router's top-k
         self._lang: torch.Tensor | None = None
         self._handles = [r.register_forward_hook(self._hook) for r in routers]
 
@@ -80,7 +97,10 @@ class RouterMask:
         tagged = lang >= 0
         allowed[tagged] = self.route.to(logits.device)[lang[tagged]]
         # Mixtral always renormalises the top-k weights; Qwen3-MoE only with norm_topk_prob
-        weights, index = masked_choice(logits, allowed, module.top_k, bool(getattr(module, "norm_topk_prob", True)))
+        normalise = bool(getattr(module, "norm_topk_prob", True))
+        weights, index = masked_choice(logits, allowed, module.top_k, normalise)
+        if self.top_k is not None:
+            weights = keep_first(weights, tagged, self.top_k.to(logits.device)[lang.clamp(min=0)], normalise)
         return logits, weights.to(scores.dtype), index
 
     def remove(self) -> None:
