@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from train_world import base_config, documents, get_world, make_moe, stock_measure, write_txt
+from train_world import base_config, documents, get_world, make_moe, stock_measure, write_jsonl, write_txt
 
 import deltamoe
 from deltamoe.checkpoint import TOKENIZER_FILES, open_checkpoint
@@ -203,3 +203,24 @@ def test_dense_cpt_trains_the_whole_dense_model(world, tmp_path) -> None:
     assert changed == {k for k in open_checkpoint(dense).keys() if ".mlp." in k}
     with pytest.raises(UsageError, match=r"an upcycled MoE; stage dense_cpt trains a dense model"):
         deltamoe.train(base_config(world.moe, tmp_path / "x", sources, stage="dense_cpt"))
+
+
+def test_dense_cpt_on_a_mixed_source_needs_its_languages_listed(world, tmp_path) -> None:
+    """A mixed source (no source-level lang, records tagged en and xx), as the toy's replay set: a
+    dense model has no allocation to name its languages, so a record tag that no source names is a
+    clear error before training, and ``data.languages`` lists them for the per-language held-out loss."""
+    from deltamoe.errors import DataError
+
+    dense = world.moe.parent / "dense"
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": t, "lang": lang} for lang, seed in (("en", 1), ("xx", 2))
+                                                   for t in documents(lang, 60, seed)])
+    sources = [{"path": str(world.xx), "lang": "xx"}, {"path": str(mixed)}]
+    with pytest.raises(DataError, match=r"mixed\.jsonl, record \d+: language tag 'en' is not among the sources' "
+                                        r"languages \(xx\); give a source lang: en, or list it in data\.languages"):
+        deltamoe.train(base_config(dense, tmp_path / "bad", sources, stage="dense_cpt", train={"steps": 2}))
+    assert not (tmp_path / "bad").exists()
+    cfg = base_config(dense, tmp_path / "ok", sources, stage="dense_cpt", train={"steps": 4})
+    cfg["data"]["languages"] = ["en", "xx"]
+    deltamoe.train(cfg)
+    result = read_manifest(tmp_path / "ok")["stages"][-1]["params"]["result"]
+    assert set(result["heldout_loss_after"]) >= {"en", "xx"}

@@ -149,9 +149,18 @@ def _unallocated(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _dense_data(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
+    """A dense stage's data section. A dense model has no allocation: its languages are its sources'
+    ``lang`` tags, so where a source carries none (a mixed replay set whose records are tagged),
+    the recipe's languages are listed for its records' tags (only then: other cache keys stay)."""
+    if data.get("languages") or all(src.get("lang") for src in data.get("sources", [])):
+        return data
+    return {**data, "languages": [*recipe.languages.original, *recipe.languages.new]}
+
+
 def _dense_spec(recipe: Recipe) -> dict[str, Any]:
     spec = {
-        "data": recipe.dense_cpt.data or recipe.train.post_pretrain.data,
+        "data": _dense_data(recipe, recipe.dense_cpt.data or recipe.train.post_pretrain.data),
         "train": {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train},
         "logging": recipe.dense_cpt.logging,
     }
@@ -165,7 +174,7 @@ def _expansion_spec(recipe: Recipe) -> dict[str, Any]:
     """The block-expansion baseline's training: stage 1's data and train section (overridden by
     ``block_expansion.train``), dense CPT of the new blocks only."""
     pp = recipe.train.post_pretrain
-    spec: dict[str, Any] = {"data": pp.data, "train": {**pp.train, **recipe.block_expansion.train},
+    spec: dict[str, Any] = {"data": _dense_data(recipe, pp.data), "train": {**pp.train, **recipe.block_expansion.train},
                             "trainable": {"layers": "new"}, "logging": recipe.block_expansion.logging}
     engine = recipe.dense_cpt.distributed or pp.distributed
     if engine:

@@ -85,6 +85,18 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(
         0, ge=0, description="Shuffle training documents through a buffer of this many (0: stream order)."
     )
+    languages: list[str] = Field(
+        default_factory=list,
+        description="Dense models: language tags the records may carry besides the sources' 'lang' (for the "
+        "per-language held-out loss), e.g. a mixed replay source. An MoE's languages are its allocation.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.languages:  # the default is left out: configs and digests stay as they were
+            out.pop("languages", None)
+        return out
 
     @model_validator(mode="after")
     def _mixing(self) -> DataConfig:

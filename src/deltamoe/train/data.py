@@ -80,7 +80,7 @@ class Languages:
             if self.kind == "sources":
                 raise DataError(
                     f"{where}: language tag {tag!r} is not among the sources' languages "
-                    f"({', '.join(self.names) or 'none'}); give a source lang: {tag}"
+                    f"({', '.join(self.names) or 'none'}); give a source lang: {tag}, or list it in data.languages"
                 ) from None
             known = ", ".join(f"{k}={list(v)}" for k, v in sorted(self.allocation.items())) or "none"
             raise DataError(

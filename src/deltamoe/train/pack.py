@@ -221,7 +221,8 @@ def _setup(config: str | os.PathLike[str] | dict[str, Any]) -> tuple[Any, Any, D
 def languages(cfg: Any, moe: Mapping[str, Any] | None) -> D.Languages:
     """The languages of a stage: the MoE's allocation, or the sources' tags for a dense model."""
     if not moe:
-        return D.Languages({s.lang: [] for s in cfg.data.sources if s.lang}, kind="sources")
+        tags = sorted({s.lang for s in cfg.data.sources if s.lang} | set(cfg.data.languages))
+        return D.Languages({tag: [] for tag in tags}, kind="sources")
     return D.Languages({k: list(v) for k, v in (moe.get("allocation") or {}).items()})
 
 
