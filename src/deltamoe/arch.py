@@ -119,9 +119,6 @@ class ArchSpec(_Strict):
     def router_name(self, layer: int) -> str:
         return self.router.format(layer=layer)
 
-    def inert_names(self, layer: int) -> list[str]:
-        return [i.name.format(layer=layer) for i in self.inert]
-
 
 @cache
 def _load_specs() -> dict[str, ArchSpec]:

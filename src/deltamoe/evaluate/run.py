@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -228,6 +227,3 @@ def format_table(results: dict[str, Any]) -> str:
                              + (f"   own experts top-1: {own:.2f}" if own is not None else ""))
     return "\n".join(lines)
 
-
-def print_table(results: dict[str, Any]) -> None:
-    print(format_table(results), file=sys.stdout)

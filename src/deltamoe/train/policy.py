@@ -55,10 +55,6 @@ class PolicySummary:
     def trainable_params(self) -> int:
         return sum(n for n, on in self.params_by_group.values() if on)
 
-    @property
-    def total_params(self) -> int:
-        return sum(n for n, _ in self.params_by_group.values())
-
 
 def resolve_layers(
     cfg: TrainableConfig | DenseCptTrainable, manifest: Mapping[str, Any] | None, num_layers: int, model: Path
