@@ -37,6 +37,7 @@ from typing import Any
 from deltamoe.errors import UsageError
 from deltamoe.preflight import human
 from deltamoe.recipe import MERGE_BASELINES, Recipe, StageRun, fingerprint, resolve_keys
+from deltamoe.train.config import run_dir_of
 
 SYSTEM_ORDER = ("base", "post", "dense_cpt", "paramdelta", *MERGE_BASELINES, "budget_matched", "block_expansion",
                 "moe_lpr",
@@ -60,7 +61,7 @@ def _sub(obj: Any, toy: Path | None) -> Any:
 
 
 def _train_config(stage: str, spec: dict[str, Any], model: Path, out: Path, seed: int, toy: Path | None) -> dict[str, Any]:
-    cfg = {"stage": stage, "model": str(model), "output": str(out), "run_dir": str(out) + ".run", "seed": seed}
+    cfg = {"stage": stage, "model": str(model), "output": str(out), "run_dir": str(run_dir_of(out)), "seed": seed}
     cfg.update({k: v for k, v in spec.items() if v})
     return _sub(cfg, toy)
 
@@ -363,8 +364,8 @@ def build_plan(
             budget = budget_matched_steps(recipe, inp["model"])
             spec = {**dense_spec, "train": {**dense_train, "steps": budget["dense_steps"]}}
             train(_train_config("dense_cpt", spec, inp["model"], out, recipe.seed, toy_of(inp)), progress=progress)
-            (Path(str(out) + ".run")).mkdir(parents=True, exist_ok=True)
-            (Path(str(out) + ".run") / "budget.json").write_text(json.dumps(budget, indent=2))
+            run_dir_of(out).mkdir(parents=True, exist_ok=True)
+            (run_dir_of(out) / "budget.json").write_text(json.dumps(budget, indent=2))
 
         add("dense_cpt_budget", "train", {"stage": "dense_cpt", "budget": "moe_flops", **dense_spec,
                                           "moe": [_spec(recipe.train.post_pretrain),
@@ -660,7 +661,7 @@ def run_recipe(
                              "stages": {s.name: {"key": s.key, "out": str(s.out)} for s in stages},
                              "executed": executed}
     if "dense_cpt_budget" in by_name:
-        budget_file = Path(str(by_name["dense_cpt_budget"].out) + ".run") / "budget.json"
+        budget_file = run_dir_of(by_name["dense_cpt_budget"].out) / "budget.json"
         if budget_file.is_file():
             extra["budget_matched"] = json.loads(budget_file.read_text())
     if "expand" in by_name and by_name["expand"].out.is_dir():
@@ -668,7 +669,7 @@ def run_recipe(
                                                    ref_path(base_ref_of(recipe), by_name, rdir))
     languages = {"original": recipe.languages.original, "new": recipe.languages.new}
     results = collect(systems, languages, extra)
-    logs = {name: Path(str(by_name[name].out) + ".run") / "logs" / "train.jsonl"
+    logs = {name: run_dir_of(by_name[name].out) / "logs" / "train.jsonl"
             for name in ("post_pretrain", "router_review", "dense_cpt") if name in by_name}
     report = write_report(workdir, results, logs, Path(path).read_text())
     log("\n" + format_table(results))

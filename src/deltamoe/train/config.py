@@ -31,6 +31,11 @@ from pydantic import (
 
 from deltamoe.errors import UsageError
 
+
+def run_dir_of(output: str | os.PathLike[str]) -> Path:
+    """A training stage's default run directory (logs, step checkpoints): ``<output>.run``."""
+    return Path(str(output) + ".run")
+
 Stage = Literal["post_pretrain", "router_review", "dense_cpt"]
 STAGES: tuple[str, ...] = ("post_pretrain", "router_review", "dense_cpt")
 
@@ -295,7 +300,7 @@ class _StageConfig(_Strict):
 
     @property
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path(self.output + ".run")
+        return Path(self.run_dir) if self.run_dir else run_dir_of(self.output)
 
 
 class PostPretrainConfig(_StageConfig):
