@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from deltamoe import __version__
+from deltamoe.choices import METHODS, NEW_ROWS, OUTPUT_DTYPES, RESCALES, ROUTER_INITS
 
 app = typer.Typer(
     name="deltamoe",
@@ -29,6 +30,11 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Options every writing command shares, declared once
+Force = Annotated[bool, typer.Option("--force", help="Replace the output if it exists (or holds something else).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+ShardSize = Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")]
 
 
 def _reports_errors(fn: F) -> F:
@@ -76,16 +82,13 @@ def parse_size(text: str) -> int:
     return n
 
 
-class RouterInitChoice(str, Enum):
-    random = "random"
-    zero = "zero"
+def _choice(name: str, values: tuple[str, ...]) -> Any:
+    """A command-line choice type built from a library constant."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class DtypeChoice(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+RouterInitChoice = _choice("RouterInitChoice", ROUTER_INITS)
+DtypeChoice = _choice("DtypeChoice", OUTPUT_DTYPES)
 
 
 @app.command()
@@ -110,9 +113,9 @@ def upcycle(
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps the stored one).")] = DtypeChoice.auto,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard_size: ShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts whose expert 0 is the original FFN."""
     from deltamoe.upcycle import parse_allocation
@@ -149,9 +152,9 @@ def expand(
         int | None,
         typer.Option(help="Instead of --blocks: as many new parameters as the new experts of an E-expert upcycle."),
     ] = None,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard_size: ShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Block expansion (LLaMA-Pro): add N identity decoder blocks; the model computes what it computed."""
     from deltamoe.errors import UsageError
@@ -175,24 +178,9 @@ def archs() -> None:
         typer.echo(f"{', '.join(spec.dense_model_types):16} -> {spec.moe_architecture:22} {spec.description}")
 
 
-class NewRowsChoice(str, Enum):
-    post = "post"
-    mean = "mean"
-    error = "error"
-
-
-class MergeMethodChoice(str, Enum):
-    paramdelta = "paramdelta"
-    task_arithmetic = "task_arithmetic"
-    ties = "ties"
-    dare_linear = "dare_linear"
-    dare_ties = "dare_ties"
-
-
-class RescaleChoice(str, Enum):
-    l1 = "l1"
-    inverse = "inverse"
-    none = "none"
+NewRowsChoice = _choice("NewRowsChoice", NEW_ROWS)
+MergeMethodChoice = _choice("MergeMethodChoice", METHODS)
+RescaleChoice = _choice("RescaleChoice", RESCALES)
 
 
 _NEW_ROWS_HELP = "Vocabulary rows P has and B lacks: P's values (post), the mean of the other rows, or error."
@@ -226,9 +214,9 @@ def graft(
         bool, typer.Option(help="Refuse a B whose sha256 differs from the dense model M was upcycled from.")
     ] = True,
     dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps M's).")] = DtypeChoice.auto,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard_size: ShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B), or M + expand(sum of w_i delta_i)."""
     from deltamoe.delta import graft as run
@@ -276,9 +264,9 @@ def merge(
                                       "else the first --delta, else the last --model).")
     ] = None,
     dtype: Annotated[DtypeChoice, typer.Option(help="Output dtype ('auto' keeps the first model's).")] = DtypeChoice.auto,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard_size: ShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Dense data-free merge baselines: paramdelta (C + P - B), task_arithmetic, ties, dare_linear, dare_ties."""
     from deltamoe.merge import merge as run
@@ -305,8 +293,8 @@ def inspect_(
     moe: Annotated[
         str | None, typer.Option("--moe", "-m", help="MoE after CPT (U = expert e - expert 0; M - B elsewhere).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Where the CPT update U and the post-training delta P - B collide: norms, ratio, cosine per layer and group."""
     from deltamoe.inspect import format_table, inspect_conflict
@@ -329,9 +317,9 @@ def delta_extract(
     dtype: Annotated[
         DtypeChoice, typer.Option(help="Storage dtype of the delta (float32 stores it exactly).")
     ] = DtypeChoice.float32,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 5GB.")] = "5GB",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard_size: ShardSize = "5GB",
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write P - B once (with P's tokenizer, chat template and provenance) for grafting onto many MoEs."""
     from deltamoe.delta import extract_delta
@@ -354,7 +342,7 @@ app.add_typer(toy_app, name="toy")
 def _toy_sizes() -> type[Enum]:
     from deltamoe.toy.config import SIZES
 
-    return Enum("ToySizeChoice", {name: name for name in SIZES}, type=str)  # type: ignore[return-value]
+    return _choice("ToySizeChoice", tuple(SIZES))  # type: ignore[no-any-return]
 
 
 ToySizeChoice = _toy_sizes()
@@ -373,8 +361,8 @@ def toy_build(
     threads: Annotated[
         int | None, typer.Option(help="Architectures trained at once, one process and one torch thread each (default: min(2, cores)).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it holds something else.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """The toy world: corpora and evaluation sets, the tokenizer, and the base and post-trained models
     (copied from the shipped set, or trained with --train)."""
@@ -389,7 +377,7 @@ def toy_build(
 @_reports_errors
 def toy_measure(
     toy_dir: Annotated[Path, typer.Argument(help="A directory written by 'deltamoe toy build'.")],
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Measure the toy regime (tokens per parameter, loss curve, B and P scores, size of P - B) into toy.json."""
     from deltamoe.toy.regime import measure, format_regime
@@ -413,7 +401,7 @@ def toy_ship(
 def toy_export_lm_eval(
     toy_dir: Annotated[Path, typer.Argument(help="A directory written by 'deltamoe toy build'.")],
     out: Annotated[Path, typer.Argument(help="Output directory for the lm-eval task YAMLs and their data.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Force = False,
 ) -> None:
     """Export the toy evaluation sets as lm-eval tasks (use with lm_eval --include_path OUT --apply_chat_template)."""
     from deltamoe.evaluate import export_lm_eval
@@ -437,7 +425,7 @@ def eval_(
     qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Chat QA (needs a chat template).")] = True,
     batch_size: Annotated[int, typer.Option(help="Prompts/texts per forward pass.")] = 16,
     max_items: Annotated[int | None, typer.Option(help="At most this many items per task and language.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Per language: chat QA accuracy, perplexity and (MoE) tokens per expert; writes results.json and prints a table."""
     from deltamoe.evaluate import evaluate, format_table
@@ -453,7 +441,7 @@ def eval_(
 def run_(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/ and the README's recipe reference).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan: stages, cache hits, disk use.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run a recipe: every stage in order (cached), then report.md, results.json and plots."""
     from deltamoe.pipeline import run_recipe
@@ -466,7 +454,7 @@ def run_(
 def study_(
     study: Annotated[Path, typer.Argument(help="Study YAML: a recipe, seeds and variants (docs/study.md).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate every run and count the stages to run.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run a recipe over several seeds and variants (one shared cache); report means, intervals, paired differences."""
     from deltamoe.study import run_study
@@ -498,8 +486,8 @@ def data_pack(
     tokenizer: Annotated[
         Path | None, typer.Option(help="Expected tokenizer (refused unless it is the model's).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Tokenise a training config's sources once into memory-mapped shards; point data.pack at OUT."""
     from deltamoe.train.pack import pack
@@ -521,8 +509,8 @@ def train_(
     stop_after: Annotated[
         int | None, typer.Option(help="Stop after N steps, leaving a resumable checkpoint and no output.")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Continue pre-training an upcycled MoE: stage post_pretrain (new experts + routers) or router_review
     (routers, language priors). Runs under torchrun / accelerate launch for multi-GPU."""

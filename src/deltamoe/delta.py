@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -41,6 +41,7 @@ from deltamoe.checkpoint import (
     open_checkpoint,
     write_json,
 )
+from deltamoe.choices import NEW_ROWS, NewRows
 from deltamoe.engine import Out, Read, Step, add32, diff32, f32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.preflight import check_output_disk, check_shard_size
@@ -52,8 +53,6 @@ from deltamoe.provenance import (
     write_model_card,
 )
 
-NewRows = Literal["post", "mean", "error"]
-NEW_ROWS = ("post", "mean", "error")
 
 # Config fields that fix tensor shapes or weight sharing: B and P must agree on them.
 _STRUCTURAL = (

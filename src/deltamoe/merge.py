@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -67,14 +67,12 @@ from deltamoe.delta import (
     set_config_dtype,
     weighted_inputs,
 )
+from deltamoe.choices import METHODS, Method, Rescale
 from deltamoe.engine import Out, Read, Step, add32, f32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
-Method = Literal["paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
-METHODS: tuple[str, ...] = ("paramdelta", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-Rescale = Literal["l1", "inverse", "none"]
 _SPARSE = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
 _CONSENSUS = ("ties", "dare_ties")
 

@@ -18,12 +18,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from deltamoe import arch
+from deltamoe.choices import RouterInit
 from deltamoe._memory import return_large_frees_to_os
 from deltamoe.arch import ROLES, ArchSpec, Role
 from deltamoe.checkpoint import (
@@ -45,7 +46,6 @@ from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.preflight import check_output_disk, check_shard_size
 from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
 
-RouterInit = Literal["random", "zero"]
 _NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)
 _LANG = re.compile(r"^[A-Za-z][\w-]*$")
 
