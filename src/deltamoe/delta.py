@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from functools import partial
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,24 +33,16 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     check_output,
-    copy_aux_files,
     dtype_code,
     open_checkpoint,
-    write_json,
 )
 from deltamoe.choices import NEW_ROWS, NewRows
 from deltamoe.engine import Out, Read, Step, add32, diff32, f32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
-from deltamoe.preflight import check_output_disk, check_shard_size
-from deltamoe.provenance import (
-    hash_in_background,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-    write_model_card,
-)
+from deltamoe.output import Finished, write_output
+from deltamoe.preflight import check_shard_size
+from deltamoe.provenance import new_manifest, read_manifest
 
 
 # Config fields that fix tensor shapes or weight sharing: B and P must agree on them.
@@ -541,10 +532,6 @@ def _add(m: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
     return add32(m, d, scale, scratch=True)  # an output piece: the engine consumes it at once
 
 
-def finish_hashes(fut: Future[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    return fut.result()
-
-
 # -- extract ------------------------------------------------------------------------------
 def extract_delta(
     base: str | os.PathLike[str],
@@ -586,39 +573,28 @@ def extract_delta(
             if n in added:
                 yield from added_rows_steps(src, n, "post", None)
 
-    check_output_disk(out_path, specs, p.aux_files())
-    hashes = hash_in_background(b, p)
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata={"deltamoe": "delta"})
-        try:
-            run_steps(steps(), writer, {s.name: s for s in specs}, buffer_bytes=buffer_bytes,
-                      progress=progress, desc="delta extract")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        write_json(tmp / "config.json", p.config)
-        copy_aux_files(p, tmp)
-        hb, hp = finish_hashes(hashes)
+    def tensors(writer: ShardedWriter) -> None:
+        run_steps(steps(), writer, {s.name: s for s in specs}, buffer_bytes=buffer_bytes,
+                  progress=progress, desc="delta extract")
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        hb, hp = hashes
         manifest = new_manifest(
             None, stage=DELTA_STAGE, params={"dtype": dtype, "max_shard_bytes": max_shard_bytes},
             inputs={"base": hb, "post": hp}, command=command,
         )
-        manifest["delta"] = {
-            "base": hb,
-            "post": hp,
-            "base_config": b.config,
-            "added_rows": added,
-            "dtype": dtype,
-        }
-        write_manifest(tmp, manifest)
-        (tmp / "README.md").write_text(
+        manifest["delta"] = {"base": hb, "post": hp, "base_config": b.config, "added_rows": added, "dtype": dtype}
+        readme = (
             "# deltamoe delta artifact\n\n"
             "This is **not a model**: each tensor is the difference P − B between a post-trained model P\n"
             f"(`{p.path}`) and its base B (`{b.path}`), stored as {dtype}. Rows that P added to the\n"
             "vocabulary hold P's values. Use it with `deltamoe graft --moe M --delta THIS OUT` or\n"
             "`deltamoe merge --delta THIS ...`. Provenance (sha256 of B and P) is in `deltamoe.json`.\n"
         )
+        return Finished(p.config, manifest, readme=readme)
+
+    write_output(out_path, specs, inputs=[b, p], aux=p, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes, metadata={"deltamoe": "delta"})
     return out_path
 
 
@@ -800,17 +776,10 @@ def graft(
             else:
                 yield from _shared_steps(m, src, s.name, new_rows)
 
-    check_output_disk(out_path, plan.specs, src.aux.aux_files())
-    hashes = hash_in_background(m, *deltas.checkpoints())
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan.specs, max_shard_bytes=max_shard_bytes)
-        try:
-            run_steps(steps(), writer, planned, buffer_bytes=buffer_bytes, progress=progress, desc="graft")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        described = finish_hashes(hashes)
+    def tensors(writer: ShardedWriter) -> None:
+        run_steps(steps(), writer, planned, buffer_bytes=buffer_bytes, progress=progress, desc="graft")
+
+    def finish(described: list[dict[str, Any]]) -> Finished:
         inputs = {"moe": described[0], **deltas.record(described[1:])}
         if (deltas.base is not None and check_base and upcycled_from
                 and upcycled_from["sha256"] != described[1]["sha256"]):
@@ -819,8 +788,6 @@ def graft(
                 f"{upcycled_from['path']} (sha256 {upcycled_from['sha256'][:16]}...) that {m.path} was upcycled "
                 "from; graft needs that exact base. If it is the same model re-saved, pass --no-check-base"
             )
-        write_json(tmp / "config.json", output_config(m.config, changes, dtype))
-        copy_aux_files(src.aux, tmp)
         params: dict[str, Any] = {"experts": chosen, "scale": float(scale)}
         if not deltas.single:
             params["weights"] = deltas.weights()
@@ -832,8 +799,10 @@ def graft(
             "config_from_post": changes, "max_shard_bytes": max_shard_bytes,
         })
         manifest = new_manifest(m_manifest, stage="graft", params=params, inputs=inputs, command=command)
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
+        return Finished(output_config(m.config, changes, dtype), manifest)
+
+    write_output(out_path, plan.specs, inputs=[m, *deltas.checkpoints()], aux=src.aux, tensors=tensors,
+                 finish=finish, force=force, max_shard_bytes=max_shard_bytes)
     return out_path
 
 

@@ -38,17 +38,15 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     check_output,
-    copy_aux_files,
     open_checkpoint,
     torch_dtype,
-    write_json,
 )
 from deltamoe.engine import check_finite_tensors
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
-from deltamoe.preflight import check_output_disk, check_shard_size
-from deltamoe.provenance import hash_in_background, new_manifest, read_manifest, write_manifest, write_model_card
+from deltamoe.output import Finished, write_output
+from deltamoe.preflight import check_shard_size
+from deltamoe.provenance import new_manifest, read_manifest
 
 EXPAND_STAGE = "expand"
 ATTENTION_OUT = "self_attn.o_proj"  # in every supported family (checked against transformers' model)
@@ -284,26 +282,21 @@ def expand_blocks(
         "layer_prefix": prefix,
     }
     params = {"blocks": blocks, "max_shard_bytes": max_shard_bytes}
-    check_output_disk(out_path, specs, ckpt.aux_files())
     check_finite_tensors(ckpt)
-    hashes = hash_in_background(ckpt)
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+
+    def tensors(writer: ShardedWriter) -> None:
         bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="expand",
                    disable=not progress, file=sys.stderr)
         try:
             _write_tensors(ckpt, writer, prefix, sources, set(new_layers), zeroed, bar)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         finally:
             bar.close()
-        write_json(tmp / "config.json", cfg)
-        copy_aux_files(ckpt, tmp)
-        manifest = new_manifest(None, stage=EXPAND_STAGE, params=params, inputs={"dense": hashes.result()[0]},
-                                command=command)
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        manifest = new_manifest(None, stage=EXPAND_STAGE, params=params, inputs={"dense": hashes[0]}, command=command)
         manifest["expand"] = info
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
+        return Finished(cfg, manifest)
+
+    write_output(out_path, specs, inputs=[ckpt], aux=ckpt, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes)
     return out_path

@@ -22,11 +22,8 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     check_output,
-    copy_aux_files,
     open_checkpoint,
-    write_json,
 )
 from deltamoe.delta import (
     _DTYPE_KEYS,
@@ -37,7 +34,6 @@ from deltamoe.delta import (
     _shared_steps,  # M + Δ for a tensor that M and Δ name alike (vocabulary rules included)
     check_dtype_arg,
     check_new_rows,
-    finish_hashes,
     natural_key,
     open_deltas,
     out_dtype_code,
@@ -47,8 +43,9 @@ from deltamoe.delta import (
 from deltamoe.engine import Out, Read, Step, add32, is_float, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError
 from deltamoe.expand import EXPAND_STAGE, expanded_config, split_layer_name
-from deltamoe.preflight import check_output_disk, check_shard_size
-from deltamoe.provenance import hash_in_background, new_manifest, read_manifest, write_manifest, write_model_card
+from deltamoe.output import Finished, write_output
+from deltamoe.preflight import check_shard_size
+from deltamoe.provenance import new_manifest, read_manifest
 
 _EXPAND_KEYS = ("family", "original_layers", "num_layers", "sources", "new_layers", "layer_prefix")
 
@@ -237,26 +234,20 @@ def graft_expanded(
     refuse_new_rows(src, new_rows)
     specs, kinds = _plan(m, block, src, dtype)
     changes = _config_changes(src, block["sources"])
-    check_output_disk(out_path, specs, src.aux.aux_files())
-    hashes = hash_in_background(m, *to_hash)
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
-        try:
-            run_steps(_steps(m, src, specs, kinds, new_rows), writer, {s.name: s for s in specs},
-                      buffer_bytes=buffer_bytes, progress=progress, desc="graft")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        inputs = _inputs(src, finish_hashes(hashes), m, expanded_from, check_base)
-        write_json(tmp / "config.json", output_config(m.config, changes, dtype))
-        copy_aux_files(src.aux, tmp)
+    def tensors(writer: ShardedWriter) -> None:
+        run_steps(_steps(m, src, specs, kinds, new_rows), writer, {s.name: s for s in specs},
+                  buffer_bytes=buffer_bytes, progress=progress, desc="graft")
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        inputs = _inputs(src, hashes, m, expanded_from, check_base)
         params = {
             "target": "expanded", "new_layers_get": "nothing (copied)", "new_rows": new_rows, "dtype": dtype,
             "check_base": check_base, "config_from_post": changes, "max_shard_bytes": max_shard_bytes,
             "added_rows": {n: [r, src.shapes[n][0]] for n, r in src.rows.items() if src.shapes[n] and r < src.shapes[n][0]},
         }
         manifest = new_manifest(m_manifest, stage="graft", params=params, inputs=inputs, command=command)
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
+        return Finished(output_config(m.config, changes, dtype), manifest)
+
+    write_output(out_path, specs, inputs=[m, *to_hash], aux=src.aux, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes)
     return out_path

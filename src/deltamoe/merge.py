@@ -41,13 +41,11 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     check_output,
-    copy_aux_files,
     dtype_code,
     open_checkpoint,
-    write_json,
 )
+from deltamoe.choices import METHODS, Method, Rescale
 from deltamoe.delta import (
     ArtifactDelta,
     DeltaSource,
@@ -67,11 +65,11 @@ from deltamoe.delta import (
     set_config_dtype,
     weighted_inputs,
 )
-from deltamoe.choices import METHODS, Method, Rescale
 from deltamoe.engine import Out, Read, Step, add32, f32, row_chunks, run_steps
 from deltamoe.errors import CheckpointError, UsageError
-from deltamoe.preflight import check_output_disk, check_shard_size
-from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
+from deltamoe.output import Finished, write_output
+from deltamoe.preflight import check_shard_size
+from deltamoe.provenance import new_manifest
 
 _SPARSE = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
 _CONSENSUS = ("ties", "dare_ties")
@@ -247,20 +245,15 @@ def merge(
     job = _Job(method, anchor, vectors, tok_vec, out_shapes, {n: vectors[0].src.rows[n] for n in names}, sparse,
                density, rescale, seed, bool(normalize), lambda_, new_rows)
 
-    check_output_disk(out_path, specs, tok_ckpt.aux_files())
     to_hash = [*([b] if b is not None else []), *ckpts, *(v.src.aux for v in extra)]
-    hashes = hash_in_background(*to_hash)
     planned = {s.name: s for s in specs}
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
-        try:
-            run_steps(_steps(job, names), writer, planned, buffer_bytes=buffer_bytes, progress=progress,
-                      desc=f"merge {method}")
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        described = iter(hashes.result())
+
+    def tensors(writer: ShardedWriter) -> None:
+        run_steps(_steps(job, names), writer, planned, buffer_bytes=buffer_bytes, progress=progress,
+                  desc=f"merge {method}")
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        described = iter(hashes)
         inputs: dict[str, dict[str, Any]] = {}
         if b is not None:
             inputs["base"] = next(described)
@@ -277,8 +270,6 @@ def merge(
                 )
         cfg = dict(tok_ckpt.config)
         set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]) if dtype != "auto" else _float_code(first))
-        write_json(tmp / "config.json", cfg)
-        copy_aux_files(tok_ckpt, tmp)
         params = {
             "method": method,
             "weights": {v.label: v.weight for v in vectors},
@@ -287,9 +278,10 @@ def merge(
             "new_rows": new_rows, "tokenizer_from": str(tok_ckpt.path), "dtype": dtype,
             "max_shard_bytes": max_shard_bytes,
         }
-        manifest = new_manifest(None, stage=f"merge:{method}", params=params, inputs=inputs, command=command)
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
+        return Finished(cfg, new_manifest(None, stage=f"merge:{method}", params=params, inputs=inputs, command=command))
+
+    write_output(out_path, specs, inputs=to_hash, aux=tok_ckpt, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes)
     return out_path
 
 

@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe import arch
-from deltamoe.choices import RouterInit
 from deltamoe._memory import return_large_frees_to_os
 from deltamoe.arch import ROLES, ArchSpec, Role
 from deltamoe.checkpoint import (
@@ -33,18 +32,17 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    atomic_output_dir,
     check_output,
-    copy_aux_files,
     dtype_code,
     open_checkpoint,
     torch_dtype,
-    write_json,
 )
+from deltamoe.choices import RouterInit
 from deltamoe.engine import check_finite_tensors
 from deltamoe.errors import CheckpointError, UsageError
-from deltamoe.preflight import check_output_disk, check_shard_size
-from deltamoe.provenance import hash_in_background, new_manifest, write_manifest, write_model_card
+from deltamoe.output import Finished, write_output
+from deltamoe.preflight import check_shard_size
+from deltamoe.provenance import new_manifest
 
 _NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)
 _LANG = re.compile(r"^[A-Za-z][\w-]*$")
@@ -321,12 +319,10 @@ def upcycle(
             "inert": [i.name for i in spec.inert],
         },
     }
-    check_output_disk(out_path, plan.specs, ckpt.aux_files())
     check_finite_tensors(ckpt)  # refused, not copied: NaN/Inf would spread into every expert
-    hashes = hash_in_background(ckpt)
     total = sum(s.nbytes for s in plan.specs)
-    with atomic_output_dir(out_path, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan.specs, max_shard_bytes=max_shard_bytes)
+
+    def tensors(writer: ShardedWriter) -> None:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="upcycle", disable=not progress, file=sys.stderr)
         try:
             for name in sorted(ckpt.keys(), key=_natural_key):
@@ -353,20 +349,16 @@ def upcycle(
                         writer.write(g.name, _generated(g, spec, layer, router_init if layer in moe_layers else "zero", std, seed))
                         bar.update(g.nbytes)
                 del t
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         finally:
             bar.close()
-        write_json(tmp / "config.json", moe_cfg)
-        copy_aux_files(ckpt, tmp)
-        manifest = new_manifest(
-            None, stage="upcycle", params=params, inputs={"dense": hashes.result()[0]},
-            command=command, moe=moe_info,
-        )
-        write_manifest(tmp, manifest)
-        write_model_card(tmp, manifest)
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        manifest = new_manifest(None, stage="upcycle", params=params, inputs={"dense": hashes[0]},
+                                command=command, moe=moe_info)
+        return Finished(moe_cfg, manifest)
+
+    write_output(out_path, plan.specs, inputs=[ckpt], aux=ckpt, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes)
     return out_path
 
 
