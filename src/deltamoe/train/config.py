@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -303,7 +303,22 @@ class _StageConfig(_Strict):
         return Path(self.run_dir) if self.run_dir else run_dir_of(self.output)
 
 
-class PostPretrainConfig(_StageConfig):
+class _RoutedStageConfig(_StageConfig):
+    """An MoE stage with routing options. Each subclass declares ``routing`` after its own fields
+    (the field order is the order of the config dump recorded in every output's provenance)."""
+
+    if TYPE_CHECKING:
+        routing: RoutingConfig
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
+            out.pop("routing", None)
+        return out
+
+
+class PostPretrainConfig(_RoutedStageConfig):
     """Stage 1: train the new experts and the routers on new-language text."""
 
     stage: Literal["post_pretrain"]
@@ -311,28 +326,14 @@ class PostPretrainConfig(_StageConfig):
     trainable: PostPretrainTrainable = PostPretrainTrainable()
     routing: RoutingConfig = RoutingConfig()
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
-            out.pop("routing", None)
-        return out
 
-
-class RouterReviewConfig(_StageConfig):
+class RouterReviewConfig(_RoutedStageConfig):
     """Stage 2: train the routers only, on a small replay mix, with language-prior routing."""
 
     stage: Literal["router_review"]
     losses: RouterReviewLosses = RouterReviewLosses()
     trainable: RouterReviewTrainable = RouterReviewTrainable()
     routing: RoutingConfig = RoutingConfig()
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
-            out.pop("routing", None)
-        return out
 
 
 class DenseCptLosses(_Strict):
