@@ -53,3 +53,30 @@ def toy_small_regime(toy_small: Path) -> dict:
     from deltamoe.toy.regime import measure
 
     return measure(toy_small, progress=False, write=False)
+
+
+@pytest.fixture(scope="session")
+def demo_small_run(tmp_path_factory: pytest.TempPathFactory, toy_small: Path) -> dict:
+    """The demo recipe on the shipped toy with DeltaMoE and the ceiling as its only systems: its
+    routing defaults (stage 1, router review, graft) and B' with the ceiling's chat post-training,
+    run once by the pipeline for the tests that read them (tests/test_allocation.py, the ceiling
+    test of tests/test_toy.py). Returns the run's results.json."""
+    import json
+    import shutil
+
+    import yaml
+
+    from deltamoe.demo import demo_recipe_text
+    from deltamoe.pipeline import build_plan, run_recipe
+    from deltamoe.recipe import load_recipe
+
+    work = tmp_path_factory.mktemp("demo-small")
+    r = yaml.safe_load(demo_recipe_text())
+    assert r["toy"]["size"] == "small"
+    r["baselines"] = ["ceiling"]
+    recipe = work / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    stages, _, _ = build_plan(*load_recipe(recipe))
+    shutil.copytree(toy_small, stages[0].out)  # the toy stage's output: the session's shipped build
+    run_recipe(recipe, progress=False, log=lambda m: None)
+    return json.loads((work / "results.json").read_text())
