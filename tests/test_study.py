@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from deltamoe.demo import demo_recipe_text
 from deltamoe.errors import UsageError
 from deltamoe.config_files import set_dotted
 from deltamoe.study import load_study, plan_runs, run_study
-from deltamoe.study_report import bootstrap
+from deltamoe.study_report import bootstrap, study_numbers
 
 
 def _micro_recipe(tmp: Path) -> Path:
@@ -72,6 +73,41 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_items() -> None:
             < bootstrap([a.astype(float) for a in small], 500, 1)[2] - bootstrap([a.astype(float) for a in small], 500, 1)[1])
     # the same data and seed: the same interval
     assert bootstrap([small[0].astype(float)], 300, 7) == bootstrap([small[0].astype(float)], 300, 7)
+
+
+def test_rows_follow_the_variants_that_evaluate_each_system(tmp_path: Path) -> None:
+    """A variant that leaves a baseline out has no row for it (the other variants keep theirs); a
+    baseline two of three variants share is one row named by them; differences pair each
+    variant's compare system with the rows that hold its variant."""
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(name="s", seeds=[0, 1], variants={"a": {}, "b": {}, "c": {}}, compare="deltamoe",
+                           bootstrap=50)
+    evals = {("deltamoe", v): f"d-{v}" for v in "abc"} | {("post", v): "p" for v in "abc"}
+    evals |= {("dense_cpt", "a"): "dc", ("dense_cpt", "b"): "dc"}  # c leaves the baseline out
+    runs = []
+    for v in "abc":
+        for seed in (0, 1):
+            systems, stages = {}, {}
+            for (name, var), key in evals.items():
+                if var != v:
+                    continue
+                d = tmp_path / f"{key}-{seed}"
+                (d / "toy").mkdir(parents=True, exist_ok=True)
+                rng = np.random.default_rng(zlib.crc32(f"{key}-{seed}".encode()))
+                (d / "toy" / "predictions.jsonl").write_text("".join(
+                    json.dumps({"lang": lang, "task": "mc_rc", "id": i, "correct": bool(rng.random() < 0.6)}) + "\n"
+                    for lang in ("en", "xx") for i in range(20)))
+                systems[name] = {"eval_dir": str(d)}
+                stages[f"eval-{name}"] = {"key": f"{key}-{seed}"}
+            runs.append({"variant": v, "seed": seed, "results": {
+                "systems": systems, "stages": stages, "languages": {"original": ["en"], "new": ["xx"]}}})
+    numbers = study_numbers(spec, runs)
+    assert [(r["system"], r["variant"]) for r in numbers["rows"]] == [
+        ("post", "(all)"), ("dense_cpt", "a, b"), ("deltamoe", "a"), ("deltamoe", "b"), ("deltamoe", "c")]
+    pairs = {(d["variant"], d["against"], d["against_variant"]) for d in numbers["differences"]}
+    assert pairs == {("a", "post", "(all)"), ("b", "post", "(all)"), ("c", "post", "(all)"),
+                     ("a", "dense_cpt", "a, b"), ("b", "dense_cpt", "a, b")}
 
 
 def test_override_sets_nested_fields_and_refuses_values_as_sections() -> None:

@@ -2,8 +2,9 @@
 
 Scores are read from each run's evaluation predictions (one correct/incorrect per item), so the
 intervals can resample items as well as seeds. A system whose evaluation is the same stage in
-every variant (a baseline no variant changes) is one row; a system that a variant changes has a
-row per variant.
+every variant (a baseline no variant changes) is one row, ``(all)``; variants that share a system's
+evaluations (a baseline that only some variants change) share its row, named by those variants;
+a system a variant leaves out has no row for it.
 """
 
 from __future__ import annotations
@@ -55,15 +56,21 @@ def _rows(spec: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from deltamoe.report import LABELS
 
     variants = list(spec.variants)
-    names = [s for s in SYSTEM_ORDER if all(s in r["results"]["systems"] for r in runs)]
+    names = [s for s in SYSTEM_ORDER if any(s in r["results"]["systems"] for r in runs)]
     rows = []
     for name in names:
-        keys = {(r["variant"], r["seed"]): r["results"]["stages"][f"eval-{name}"]["key"] for r in runs}
-        shared = all(len({keys[(v, s)] for v in variants}) == 1 for s in spec.seeds)
-        for variant in ([variants[0]] if shared else variants):
-            mine = [r for r in runs if r["variant"] == variant]
+        # the variants that evaluate this system (a variant may leave a baseline out), grouped by
+        # whether their evaluations are the same stages, seed by seed
+        having = [v for v in variants if all(name in r["results"]["systems"] for r in runs if r["variant"] == v)]
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for v in having:
+            keys = tuple(r["results"]["stages"][f"eval-{name}"]["key"] for r in runs if r["variant"] == v)
+            groups.setdefault(keys, []).append(v)
+        for group in groups.values():
+            mine = [r for r in runs if r["variant"] == group[0]]
+            label = "(all)" if len(group) == len(variants) else ", ".join(group)
             rows.append({
-                "system": name, "label": LABELS.get(name, name), "variant": "(all)" if shared else variant,
+                "system": name, "label": LABELS.get(name, name), "variant": label, "in_variants": group,
                 "seeds": [r["seed"] for r in mine],
                 "items": [_items(Path(r["results"]["systems"][name]["eval_dir"]), r["results"]["languages"])
                           for r in mine],
@@ -109,8 +116,9 @@ def study_numbers(spec: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
         r["stats"] = _stats(r, spec.bootstrap)
     diffs = []
     for a in (r for r in rows if r["system"] == spec.compare):
-        for b in rows:
-            if b["system"] == spec.compare or (b["variant"] not in ("(all)", a["variant"]) and a["variant"] != "(all)"):
+        for b in rows:  # paired where one row's variants hold the other's
+            va, vb = set(a["in_variants"]), set(b["in_variants"])
+            if b["system"] == spec.compare or not (va <= vb or vb <= va):
                 continue
             diffs.append({"variant": a["variant"], "against": b["system"], "against_label": b["label"],
                           "against_variant": b["variant"], "stats": _difference(a, b, spec.bootstrap)})
