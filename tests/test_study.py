@@ -43,7 +43,7 @@ def _micro_recipe(tmp: Path) -> Path:
 
 def _study(tmp: Path, **fields) -> Path:
     spec = {"name": "s", "recipe": "micro.yaml", "seeds": [0, 1], "bootstrap": 200,
-            "variants": {"default": {}, "allocated": {"train.post_pretrain.routing.allocated": True}}, **fields}
+            "variants": {"default": {}, "unmasked": {"train.post_pretrain.routing.allocated": False}}, **fields}
     p = tmp / "study.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
@@ -172,8 +172,8 @@ def test_study_runs_caches_reports_and_resumes_after_sigkill(tmp_path: Path, toy
     numbers = json.loads((work / "study.json").read_text())
     # the toy and B's/P's evaluations are one stage for all four runs; the MoE systems differ by variant
     rows = {(r["system"], r["variant"]): r for r in numbers["rows"]}
-    assert set(rows) == {("post", "(all)"), ("moe_lpr", "default"), ("moe_lpr", "allocated"),
-                         ("deltamoe", "default"), ("deltamoe", "allocated")}
+    assert set(rows) == {("post", "(all)"), ("moe_lpr", "default"), ("moe_lpr", "unmasked"),
+                         ("deltamoe", "default"), ("deltamoe", "unmasked")}
     assert len(list(target.glob("toy-*"))) == 1 and len(list(target.glob("eval-post-*"))) == 1
     assert len([p for p in target.glob("post_pretrain-*") if p.suffix != ".run"]) == 4  # 2 seeds x 2 variants
     for r in numbers["rows"]:
@@ -188,8 +188,8 @@ def test_study_runs_caches_reports_and_resumes_after_sigkill(tmp_path: Path, toy
         toy[lang]["qa_n"] for lang in ("vel", "kyr", "tol"))
     assert rows[("deltamoe", "default")]["stats"]["qa_new"]["per_seed"][0] == pytest.approx(pooled)
     diffs = {(d["variant"], d["against"], d["against_variant"]) for d in numbers["differences"]}
-    assert ("default", "post", "(all)") in diffs and ("allocated", "moe_lpr", "allocated") in diffs
-    assert ("default", "moe_lpr", "allocated") not in diffs
+    assert ("default", "post", "(all)") in diffs and ("unmasked", "moe_lpr", "unmasked") in diffs
+    assert ("default", "moe_lpr", "unmasked") not in diffs
     # the stages finished before the kill were not run again
     done_after = {p.name for p in target.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert done_before <= done_after
