@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -42,6 +42,17 @@ STAGES: tuple[str, ...] = ("post_pretrain", "router_review", "dense_cpt")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields added after configs were first recorded in outputs' provenance and in stage digests (the
+    # cache keys): left out of every dump while they hold their default, so those stay as they were.
+    left_out_at_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for name in self.left_out_at_default:
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                out.pop(name, None)
+        return out
 
 
 class SourceConfig(_Strict):
@@ -74,6 +85,8 @@ class SourceConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    left_out_at_default = ("languages",)
+
     sources: list[SourceConfig] = Field(min_length=1)
     pack: str | None = Field(
         None,
@@ -96,12 +109,6 @@ class DataConfig(_Strict):
         "per-language held-out loss), e.g. a mixed replay source. An MoE's languages are its allocation.",
     )
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if not self.languages:  # the default is left out: configs and digests stay as they were
-            out.pop("languages", None)
-        return out
 
     @model_validator(mode="after")
     def _mixing(self) -> DataConfig:
@@ -187,6 +194,8 @@ class DistributedConfig(_Strict):
 
 
 class LossConfig(_Strict):
+    left_out_at_default = ("lpr_tokens",)
+
     lm: float = Field(1.0, ge=0.0, description="Next-token loss.")
     balance: float = Field(ge=0.0, description="Load-balancing loss (Switch/Mixtral), averaged over MoE layers.")
     lpr: float = Field(ge=0.0, description="Language-prior routing loss: -log sum of allocated experts' probabilities.")
@@ -194,15 +203,10 @@ class LossConfig(_Strict):
         "tagged", description="Tokens the LPR loss covers: every language-tagged token, or only those of the "
         "original languages (MoE-LPR's form: they learn to go to the original experts).")
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if self.lpr_tokens == "tagged":  # the default is left out: configs and digests stay as they were
-            out.pop("lpr_tokens", None)
-        return out
-
 
 class RoutingConfig(_Strict):
+    left_out_at_default = ("top_k",)
+
     allocated: bool = Field(
         False, description="Language-allocated routing in training: a token tagged with language L may only use "
         "L's experts and the original experts (a router mask; evaluation and serving route freely).")
@@ -218,16 +222,6 @@ class RoutingConfig(_Strict):
             if k < 1:
                 raise ValueError(f"top_k.{lang} = {k}: a token needs at least one expert (use 1 or more)")
         return v
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if not self.top_k:  # the default is left out: configs and digests stay as they were
-            out.pop("top_k", None)
-        return out
-
-    def is_default(self) -> bool:
-        return not self.allocated and not self.top_k
 
 
 class PostPretrainLosses(LossConfig):
@@ -307,15 +301,10 @@ class _RoutedStageConfig(_StageConfig):
     """An MoE stage with routing options. Each subclass declares ``routing`` after its own fields
     (the field order is the order of the config dump recorded in every output's provenance)."""
 
+    left_out_at_default = ("routing",)
+
     if TYPE_CHECKING:
         routing: RoutingConfig
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if self.routing.is_default():  # the default is left out: configs and digests stay as they were
-            out.pop("routing", None)
-        return out
 
 
 class PostPretrainConfig(_RoutedStageConfig):
@@ -350,6 +339,8 @@ class DenseCptTrainable(_Strict):
     cache keys read as they did before it existed.
     """
 
+    left_out_at_default = ("layers",)
+
     ffn: bool = True
     attention: bool = True
     norms: bool = True
@@ -377,12 +368,6 @@ class DenseCptTrainable(_Strict):
                 raise ValueError(f"layer indices must be distinct and non-negative, got {v}")
         return v
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if self.layers is None:
-            out.pop("layers", None)
-        return out
 
 
 class DenseCptConfig(_StageConfig):
