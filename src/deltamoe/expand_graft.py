@@ -234,6 +234,7 @@ def graft_expanded(
     refuse_new_rows(src, new_rows)
     specs, kinds = _plan(m, block, src, dtype)
     changes = _config_changes(src, block["sources"])
+
     def tensors(writer: ShardedWriter) -> None:
         run_steps(_steps(m, src, specs, kinds, new_rows), writer, {s.name: s for s in specs},
                   buffer_bytes=buffer_bytes, progress=progress, desc="graft")

@@ -108,11 +108,10 @@ def check_train_sections(recipe: Recipe, source: str) -> None:
             load_config(cfg)
         except UsageError as e:
             raise UsageError(f"{source}: {where}: {str(e).removeprefix('config: ')}") from None
-        langs = [*recipe.languages.original, *recipe.languages.new]
         for lang in (spec.get("routing") or {}).get("top_k") or {}:
-            if lang not in langs:
+            if lang not in recipe.languages.all:
                 raise UsageError(f"{source}: {where}.routing.top_k.{lang}: {lang!r} is not one of the recipe's "
-                                 f"languages ({', '.join(langs)})")
+                                 f"languages ({', '.join(recipe.languages.all)})")
 
 
 def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
@@ -123,7 +122,7 @@ def _ceiling_params(recipe: Recipe) -> dict[str, Any]:
     size = SIZES[recipe.toy.size]
     phase = size.posts[0].phase
     c = recipe.ceiling
-    n_langs = len(recipe.languages.original) + len(recipe.languages.new)
+    n_langs = len(recipe.languages.all)
     return {"steps": c.steps or n_langs * phase.steps, "lr": c.lr or phase.lr,
             "batch_size": c.batch_size or phase.batch_size,
             "lm_rows": size.sft_lm_rows if c.lm_rows is None else c.lm_rows, "lm_weight": size.sft_lm_weight,
@@ -156,7 +155,7 @@ def _dense_data(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
     the recipe's languages are listed for its records' tags (only then: other cache keys stay)."""
     if data.get("languages") or all(src.get("lang") for src in data.get("sources", [])):
         return data
-    return {**data, "languages": [*recipe.languages.original, *recipe.languages.new]}
+    return {**data, "languages": recipe.languages.all}
 
 
 def _dense_spec(recipe: Recipe) -> dict[str, Any]:
@@ -510,7 +509,7 @@ def _report_estimate(recipe: Recipe, ctx: dict[str, Any]) -> int:
     from deltamoe.estimate import report_bytes
 
     systems = ctx["systems"]
-    langs = len(recipe.languages.original) + len(recipe.languages.new)
+    langs = len(recipe.languages.all)
     return report_bytes(len(systems), langs, sum(1 for s in ("moe_lpr", "moe_unallocated", "deltamoe") if s in systems))
 
 

@@ -90,6 +90,11 @@ class LanguagesSpec(_Strict):
             raise ValueError(f"languages {sorted(both)} are listed as both original and new")
         return self
 
+    @property
+    def all(self) -> list[str]:
+        """Every language of the recipe: the original ones, then the new ones."""
+        return [*self.original, *self.new]
+
 
 class UpcycleSpec(_Strict):
     experts: int = Field(4, ge=2)
@@ -204,7 +209,7 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of 'toy' (build the toy world) or 'models' (base and post)")
         if "toy" in self.eval.suites and self.toy is None and self.eval.toy_data is None:
             raise ValueError("eval suite 'toy' needs 'toy' or eval.toy_data")
-        langs = set(self.languages.original) | set(self.languages.new)
+        langs = set(self.languages.all)
         alloc = self.allocation
         unknown = sorted(set(alloc) - langs)
         if unknown:
