@@ -142,15 +142,25 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
     from deltamoe.pipeline import SYSTEM_ORDER, build_plan
     from deltamoe.toy import SIZES
 
-    stages = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, _demo())), local_only=True)[0]}
-    assert stages["ceiling"].kind == "toy_sft" and stages["ceiling"].inputs == {"model": "dense_cpt", "toy": "toy"}
     size = SIZES["small"]
     phase = size.posts[0].phase
-    # the toy's own post-training recipe: P's lr and batch, its language-model replay rows per step
-    # P's steps once per language (en, vel, kyr, tol): P spends all of its steps on one language
-    assert stages["ceiling"].params == {"steps": 4 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
-                                        "lm_rows": size.sft_lm_rows, "lm_weight": size.sft_lm_weight,
-                                        "seq_len": size.seq_len, "seed": 0}
+
+    def ceiling(recipe: dict):
+        return {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, recipe)), local_only=True)[0]}
+
+    # without a ``ceiling`` section: the toy's own post-training recipe, P's lr and batch, its
+    # language-model replay rows per step, and P's steps once per language (en, vel, kyr, tol):
+    # P spends all of its steps on one language
+    r = _demo()
+    del r["ceiling"]
+    stages = ceiling(r)
+    assert stages["ceiling"].kind == "toy_sft" and stages["ceiling"].inputs == {"model": "dense_cpt", "toy": "toy"}
+    expected = {"steps": 4 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
+                "lm_rows": size.sft_lm_rows, "lm_weight": size.sft_lm_weight, "seq_len": size.seq_len, "seed": 0}
+    assert stages["ceiling"].params == expected
+    # the demo overrides only the lr: twice P's (the ceiling screen), everything else as above
+    stages = ceiling(_demo())
+    assert stages["ceiling"].params == {**expected, "lr": 1.0e-3} and phase.lr == 5.0e-4
     assert size.sft_lm_rows == 16
     assert "eval-ceiling" in stages and SYSTEM_ORDER[-1] == "ceiling"
     # the ceiling needs the toy world's chat data: refused by name for real models, left out by default
