@@ -2,13 +2,13 @@
 
 1. Writes a synthetic Llama-shaped dense model of ~1B parameters in bf16 (B) and a second one
    (P, another seed) to stand in for the post-trained model.
-2. Upcycles B to 8 experts, top-2 (``deltamoe.upcycle``).
+2. Upcycles B to 8 experts, top-2 (``deltamoe.ops.upcycle``).
 3. Stage-1 training steps (new experts and routers train; expert 0, attention, embeddings,
    norms, LM head frozen; AdamW; next-token + 0.01 x load-balancing loss) on random tokens:
    deltamoe's training path (split experts) and stock transformers' MoE with its default
    experts implementation and with the eager loop, same frozen set. Reports tokens/s, achieved
    TFLOP/s and MFU against the card's dense bf16 peak, and peak GPU memory.
-4. Grafts P - B onto the MoE (``deltamoe.delta.graft``), runs one forward pass of the grafted
+4. Grafts P - B onto the MoE (``deltamoe.ops.graft``), runs one forward pass of the grafted
    model on the GPU and checks that the logits are finite.
 
 Precision: parameters, gradients and AdamW states in bf16 for every variant. The 8-expert MoE
@@ -188,7 +188,7 @@ def main() -> int:
         log.say(f"wrote B and P ({log.result['stages']['write_dense_s']} s)")
 
         # 2. upcycle
-        from deltamoe.upcycle import upcycle
+        from deltamoe.ops.upcycle import upcycle
 
         t = time.perf_counter()
         moe_dir = work / "M"
@@ -240,7 +240,7 @@ def main() -> int:
                 v: base / r["tokens_per_s"] for v, r in rows.items() if v != "deltamoe" and "tokens_per_s" in r}
 
         # 4. graft and one forward pass of the grafted model
-        from deltamoe.delta import graft
+        from deltamoe.ops.graft import graft
 
         t = time.perf_counter()
         grafted = graft(moe_dir, work / "G", base=work / "B", post=work / "P", force=True, progress=False)

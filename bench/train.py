@@ -52,7 +52,7 @@ def build(work: Path, name: str) -> Path:
     import torch
 
     from deltamoe.synthetic import llama_config, write_dense
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     out = work / f"{name}-moe"
     if (out / "deltamoe.json").exists():

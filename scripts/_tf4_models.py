@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import VARIANTS, make_dense  # noqa: E402
 
-from deltamoe.upcycle import upcycle  # noqa: E402
+from deltamoe.ops.upcycle import upcycle  # noqa: E402
 
 root = Path(sys.argv[1])
 for v in VARIANTS:

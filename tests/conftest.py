@@ -67,7 +67,8 @@ def demo_small_run(tmp_path_factory: pytest.TempPathFactory, toy_small: Path) ->
     import yaml
 
     from deltamoe.demo import demo_recipe_text
-    from deltamoe.pipeline import build_plan, run_recipe
+    from deltamoe.pipeline.graph import build_plan
+    from deltamoe.pipeline.run import run_recipe
     from deltamoe.recipe import load_recipe
 
     work = tmp_path_factory.mktemp("demo-small")

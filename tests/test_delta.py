@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.cli import app
-from deltamoe.delta import extract_delta, graft
+from deltamoe.ops.extract import extract_delta
+from deltamoe.ops.graft import graft
 from deltamoe.errors import DeltaMoEError
 from deltamoe.provenance import describe_checkpoint, read_manifest
-from deltamoe.upcycle import upcycle
+from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()
 E = 4
@@ -347,12 +348,12 @@ def test_bad_input(case: str, dense_model, tmp_path: Path) -> None:
 # -- streaming ---------------------------------------------------------------------------------
 _CHILD = """
 import json, sys
-import deltamoe.delta, transformers  # imports are the interpreter baseline
+import deltamoe.ops.graft, transformers  # imports are the interpreter baseline
 # ru_maxrss would carry the parent's peak over fork+exec: reset the high-water mark instead
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")
 base_rss = status("VmRSS:")
-deltamoe.delta.graft(sys.argv[1], sys.argv[2], base=sys.argv[3], post=sys.argv[4], progress=False,
+deltamoe.ops.graft.graft(sys.argv[1], sys.argv[2], base=sys.argv[3], post=sys.argv[4], progress=False,
                      buffer_bytes=int(sys.argv[5]))
 print(json.dumps({"baseline": base_rss, "peak": status("VmHWM:")}))
 """

@@ -94,7 +94,7 @@ def test_evaluate_writes_results_predictions_and_table(toy_micro: Path, tmp_path
 
 def test_evaluate_moe_routing_json_and_heatmap(toy_micro: Path, tmp_path: Path) -> None:
     from deltamoe.evaluate import evaluate
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     moe = upcycle(toy_micro / "base", tmp_path / "moe", num_experts=4, top_k=1, router_init="zero",
                   allocation={"en": [0], "vel": [1], "kyr": [2], "tol": [3]}, progress=False)
@@ -124,7 +124,7 @@ def test_evaluate_moe_routing_json_and_heatmap(toy_micro: Path, tmp_path: Path) 
 
 def test_moe_evaluation_equals_dense_at_initialisation(toy_micro: Path, tmp_path: Path) -> None:
     from deltamoe.evaluate import evaluate
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     moe = upcycle(toy_micro / "base", tmp_path / "moe", num_experts=2, top_k=2, progress=False)
     dense = evaluate(toy_micro / "base", "toy", out=tmp_path / "d", progress=False, max_items=4)

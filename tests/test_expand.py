@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.cli import app
-from deltamoe.expand import blocks_matching, expand_blocks, layer_sources, placement
+from deltamoe.ops.expand import blocks_matching, expand_blocks, layer_sources, placement
 from deltamoe.provenance import read_manifest
 
 runner = CliRunner()
@@ -68,7 +68,7 @@ def test_blocks_matching_by_hand(dense_model) -> None:
 
 
 def test_blocks_matching_rounds_halves_up(monkeypatch) -> None:
-    import deltamoe.expand as ex
+    import deltamoe.ops.expand as ex
 
     for (layers, block, ffn, experts), want in {(1, 4, 2, 2): 1, (3, 4, 2, 2): 2, (5, 4, 2, 2): 3, (1, 100, 1, 2): 1}.items():
         monkeypatch.setattr(ex, "_layer_params", lambda c, s, v=(layers, block, ffn): v)
@@ -145,7 +145,7 @@ def test_cli_expand_honours_the_umask_and_match_experts(dense_model, tmp_path: P
 
 @pytest.mark.parametrize("case", ["zero", "negative", "neither", "both", "moe", "expanded", "unknown", "mixtral-config"])
 def test_bad_input(case: str, dense_model, tmp_path: Path) -> None:
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     dense = dense_model("llama-untied-gqa")
     parent = tmp_path / "outs"

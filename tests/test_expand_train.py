@@ -11,7 +11,7 @@ from train_world import base_config, get_world
 import deltamoe
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.errors import UsageError
-from deltamoe.expand import expand_blocks
+from deltamoe.ops.expand import expand_blocks
 from deltamoe.provenance import read_manifest
 from deltamoe.train.config import load_config
 
@@ -93,7 +93,7 @@ def test_layers_refused(world, expanded, tmp_path) -> None:
 
 def test_config_without_layers_dumps_and_digests_as_before() -> None:
     """The new field leaves old configs' dumps (manifests) and resume digests as they were."""
-    from deltamoe.train.loop import _config_digest
+    from deltamoe.train.checkpointing import config_digest as _config_digest
 
     base = {"stage": "dense_cpt", "model": "/m", "output": "/o",
             "data": {"sources": [{"path": "/d.txt", "lang": "xx"}], "seq_len": 32}, "train": {"steps": 5}}

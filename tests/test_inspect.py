@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.cli import app
-from deltamoe.delta import extract_delta
+from deltamoe.ops.extract import extract_delta
 from deltamoe.errors import OutputError
 from deltamoe.inspect import group_of, inspect_conflict
 from deltamoe.provenance import read_manifest
-from deltamoe.upcycle import upcycle
+from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()
 Q = 1024.0  # weights are multiples of 1/Q

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.cli import app
-from deltamoe.delta import extract_delta
+from deltamoe.ops.extract import extract_delta
 from deltamoe.errors import DeltaMoEError
-from deltamoe.merge import merge, random_drop
+from deltamoe.ops.merge import merge
+from deltamoe.ops.merge_methods import random_drop
 from deltamoe.provenance import describe_checkpoint, read_manifest
 
 runner = CliRunner()
@@ -43,7 +44,7 @@ def _mergekit(method: str, base: Path, models: list[tuple[Path, dict]], out: Pat
     from mergekit.merge import MergeOptions, run_merge
     from mergekit.merge_methods import generalized_task_arithmetic as gta
 
-    from deltamoe.merge import _generator
+    from deltamoe.ops.common import seeded_generator as _generator
 
     cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
            "models": [{"model": str(p), "parameters": prm} for p, prm in models]}
@@ -262,12 +263,12 @@ def test_bad_input(case: str, bcp: dict[str, Path], tmp_path: Path) -> None:
 
 _CHILD = """
 import json, sys
-import deltamoe.merge, transformers  # imports are the interpreter baseline
+import deltamoe.ops.merge, transformers  # imports are the interpreter baseline
 # ru_maxrss would carry the parent's peak over fork+exec: reset the high-water mark instead
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")
 base_rss = status("VmRSS:")
-deltamoe.merge.merge([sys.argv[3], sys.argv[4]], sys.argv[1], base=sys.argv[2], method="paramdelta", progress=False,
+deltamoe.ops.merge.merge([sys.argv[3], sys.argv[4]], sys.argv[1], base=sys.argv[2], method="paramdelta", progress=False,
                      buffer_bytes=int(sys.argv[5]))
 print(json.dumps({"baseline": base_rss, "peak": status("VmHWM:")}))
 """

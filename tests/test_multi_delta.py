@@ -12,11 +12,13 @@ from typer.testing import CliRunner
 
 from deltamoe.checkpoint import open_checkpoint
 from deltamoe.cli import app
-from deltamoe.delta import extract_delta, graft, parse_weight_arg
+from deltamoe.ops.deltas import parse_weight_arg
+from deltamoe.ops.extract import extract_delta
+from deltamoe.ops.graft import graft
 from deltamoe.errors import DeltaMoEError, UsageError
-from deltamoe.merge import merge
+from deltamoe.ops.merge import merge
 from deltamoe.provenance import describe_checkpoint, read_manifest
-from deltamoe.upcycle import upcycle
+from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()
 E = 4
@@ -310,16 +312,16 @@ def test_merge_bad_input(case: str, world, tmp_path: Path) -> None:
 # -- streaming ---------------------------------------------------------------------------------
 _CHILD = """
 import json, sys
-import deltamoe.delta, deltamoe.merge, transformers  # imports are the interpreter baseline
+import deltamoe.ops.graft, deltamoe.ops.merge, transformers  # imports are the interpreter baseline
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (ru_maxrss would carry the parent's)
 base_rss = status("VmRSS:")
 kind, out, b, p1, p2, x, buffer = sys.argv[1:]
 posts = [(p1, 0.5), (p2, -0.25)]
 if kind == "graft":
-    deltamoe.delta.graft(x, out, base=b, post=posts, progress=False, buffer_bytes=int(buffer))
+    deltamoe.ops.graft.graft(x, out, base=b, post=posts, progress=False, buffer_bytes=int(buffer))
 else:
-    deltamoe.merge.merge([x], out, method="paramdelta", base=b, post=posts, progress=False, buffer_bytes=int(buffer))
+    deltamoe.ops.merge.merge([x], out, method="paramdelta", base=b, post=posts, progress=False, buffer_bytes=int(buffer))
 print(json.dumps({"baseline": base_rss, "peak": status("VmHWM:")}))
 """
 

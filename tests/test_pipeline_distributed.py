@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from deltamoe.demo import demo_recipe_text
-from deltamoe.pipeline import build_plan
+from deltamoe.pipeline.graph import build_plan
 from deltamoe.recipe import load_recipe
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from deltamoe.cli import app
 from deltamoe.demo import demo_recipe_text
 from deltamoe.errors import UsageError
-from deltamoe.pipeline import run_recipe
+from deltamoe.pipeline.run import run_recipe
 from deltamoe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_cli_dry_run_and_missing_recipe(tmp_path: Path) -> None:
 
 
 def test_toy_architecture_and_delta_choose_the_models(tmp_path: Path) -> None:
-    from deltamoe.pipeline import build_plan
+    from deltamoe.pipeline.graph import build_plan
 
     for toy, base, post in (({"arch": "llama", "post": "instruct"}, "toy/base", "toy/instruct"),
                             ({"arch": "llama", "post": "instruct2"}, "toy/base", "toy/instruct2"),
@@ -139,7 +139,7 @@ def test_toy_architecture_and_delta_choose_the_models(tmp_path: Path) -> None:
 
 
 def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> None:
-    from deltamoe.pipeline import SYSTEM_ORDER, build_plan
+    from deltamoe.pipeline.graph import SYSTEM_ORDER, build_plan
     from deltamoe.toy import SIZES
 
     size = SIZES["small"]
@@ -180,7 +180,7 @@ def test_router_review_after_the_graft_and_the_unallocated_moe(tmp_path: Path) -
     """``train.review: after_graft`` grafts the stage-1 MoE and reviews the routers of the grafted
     model (the DeltaMoE system is that review's output); the unallocated MoE baseline runs the same
     chain with the router mask and the LPR loss switched off, and nothing else changed."""
-    from deltamoe.pipeline import build_plan
+    from deltamoe.pipeline.graph import build_plan
 
     r = _demo()
     r["train"]["post_pretrain"]["routing"] = {"allocated": True}
@@ -212,7 +212,7 @@ def test_router_review_after_the_graft_and_the_unallocated_moe(tmp_path: Path) -
 
 
 def test_routing_options_do_not_change_keys_of_recipes_without_them(tmp_path: Path) -> None:
-    from deltamoe.pipeline import _spec
+    from deltamoe.pipeline.specs import _spec
     from deltamoe.recipe import TrainSpec
 
     spec = TrainSpec(data={"seq_len": 8, "sources": []})
@@ -224,7 +224,7 @@ def test_routing_options_do_not_change_keys_of_recipes_without_them(tmp_path: Pa
 def test_block_expansion_is_expand_then_new_block_cpt_then_graft(tmp_path: Path) -> None:
     """The parameter-matched baseline: expand B (blocks matched to the experts unless given), train
     only the new blocks on stage 1's data and steps, graft Δ onto the expanded CPT model."""
-    from deltamoe.pipeline import build_plan
+    from deltamoe.pipeline.graph import build_plan
 
     r = _demo()
     r["baselines"] = ["post", "block_expansion"]

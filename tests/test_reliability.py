@@ -62,7 +62,7 @@ def _nothing(path: Path) -> None:
 @pytest.fixture(scope="module")
 def bcp(dense_model, tmp_path_factory) -> dict[str, Path]:
     """B, C (continued-pretrained), P (post-trained), P with one NaN, an MoE M upcycled from B."""
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("bcp")
     b = dense_model("llama-untied-gqa")
@@ -380,7 +380,7 @@ def test_mistral_upcycle_records_mistral(dense_model, tmp_path: Path) -> None:
 
 
 def test_sigterm_exits_143(bcp, tmp_path: Path, monkeypatch) -> None:
-    import deltamoe.upcycle as up
+    import deltamoe.ops.upcycle as up
     from deltamoe.cli import _terminate
 
     monkeypatch.setattr(up, "upcycle", lambda *a, **k: _terminate(15, None))

@@ -23,7 +23,7 @@ _CHILD = """
 import json, sys
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-from deltamoe.upcycle import upcycle
+from deltamoe.ops.upcycle import upcycle
 upcycle(sys.argv[1], sys.argv[2], num_experts=int(sys.argv[3]), top_k=2, noise=0.01, seed=0, progress=False)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))

@@ -51,7 +51,7 @@ def _study(tmp: Path, **fields) -> Path:
 
 def _seed_toy(study: Path, toy_micro: Path) -> None:
     """Put the session's micro build where the study's toy stage writes (it is the same build)."""
-    from deltamoe.pipeline import build_plan
+    from deltamoe.pipeline.graph import build_plan
     from deltamoe.recipe import load_recipe
     from deltamoe.study import _write_run
 

@@ -10,7 +10,7 @@ from deltamoe.provenance import read_manifest
 from deltamoe.train import model as M
 from deltamoe.train.config import PostPretrainTrainable, RouterReviewTrainable
 from deltamoe.train.policy import apply_policy
-from deltamoe.upcycle import upcycle
+from deltamoe.ops.upcycle import upcycle
 
 # (variant, layers): Mixtral with one replicated layer, Qwen3 with a dense layer, Qwen2 with its inert shared expert
 CASES = [("llama-untied-gqa", "0,2"), ("qwen3-untied", "0-1"), ("qwen2-tied", "all")]

@@ -126,7 +126,7 @@ def test_allocated_stage1_trains_only_the_experts_a_language_may_use(tmp_path: P
 
 
 def test_lpr_tokens_original_keeps_only_original_language_tokens() -> None:
-    from deltamoe.train.loop import _lpr_tokens
+    from deltamoe.train.routing import lpr_tokens as _lpr_tokens
 
     lang = torch.tensor([-1, 0, 1, 2, 0, 2])
     keep = torch.tensor([True, False, False])

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from deltamoe.arch import arch_for
 from deltamoe.checkpoint import Checkpoint
-from deltamoe.upcycle import parse_allocation, parse_layers, upcycle
+from deltamoe.ops.upcycle import parse_allocation, parse_layers, upcycle
 from tiny_models import VARIANTS
 
 

@@ -86,7 +86,7 @@ def make_moe(
     """Tiny dense model + tokenizer, upcycled with en -> expert 0 and xx -> the new experts."""
     from tiny_models import make_dense
 
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.upcycle import upcycle
 
     dense = make_dense(
         variant, root / "dense", seed=seed, layers=dense_overrides.pop("num_layers", 2), **dense_overrides

@@ -12,27 +12,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "upcycle": "deltamoe.upcycle",
+    "upcycle": "deltamoe.ops.upcycle",
     "open_checkpoint": "deltamoe.checkpoint",
     "DeltaMoEError": "deltamoe.errors",
     "train": "deltamoe.train",
-    "graft": "deltamoe.delta",
-    "extract_delta": "deltamoe.delta",
-    "merge": "deltamoe.merge",
+    "graft": "deltamoe.ops.graft",
+    "extract_delta": "deltamoe.ops.extract",
+    "merge": "deltamoe.ops.merge",
     "inspect_conflict": "deltamoe.inspect",
-    "expand_blocks": "deltamoe.expand",
+    "expand_blocks": "deltamoe.ops.expand",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from deltamoe.checkpoint import open_checkpoint
-    from deltamoe.delta import extract_delta, graft
     from deltamoe.errors import DeltaMoEError
     from deltamoe.inspect import inspect_conflict
-    from deltamoe.expand import expand_blocks
-    from deltamoe.merge import merge
-    from deltamoe.upcycle import upcycle
+    from deltamoe.ops.expand import expand_blocks
+    from deltamoe.ops.extract import extract_delta
+    from deltamoe.ops.graft import graft
+    from deltamoe.ops.merge import merge
+    from deltamoe.ops.upcycle import upcycle
 
 
 def __getattr__(name: str) -> Any:

@@ -118,8 +118,8 @@ def upcycle(
     quiet: Quiet = False,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts whose expert 0 is the original FFN."""
-    from deltamoe.upcycle import parse_allocation
-    from deltamoe.upcycle import upcycle as run
+    from deltamoe.ops.upcycle import parse_allocation
+    from deltamoe.ops.upcycle import upcycle as run
 
     path = run(
         dense,
@@ -158,7 +158,7 @@ def expand(
 ) -> None:
     """Block expansion (LLaMA-Pro): add N identity decoder blocks; the model computes what it computed."""
     from deltamoe.errors import UsageError
-    from deltamoe.expand import blocks_matching, expand_blocks
+    from deltamoe.ops.expand import blocks_matching, expand_blocks
 
     if (blocks is None) == (match_experts is None):
         raise UsageError("give exactly one of --blocks N or --match-experts E")
@@ -219,7 +219,7 @@ def graft(
     quiet: Quiet = False,
 ) -> None:
     """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B), or M + expand(sum of w_i delta_i)."""
-    from deltamoe.delta import graft as run
+    from deltamoe.ops.graft import graft as run
 
     path = run(
         moe, out, base=base, post=post, delta=delta, experts=experts, scale=scale, new_rows=new_rows.value,
@@ -269,7 +269,7 @@ def merge(
     quiet: Quiet = False,
 ) -> None:
     """Dense data-free merge baselines: paramdelta (C + P - B), task_arithmetic, ties, dare_linear, dare_ties."""
-    from deltamoe.merge import merge as run
+    from deltamoe.ops.merge import merge as run
 
     path = run(
         model, out, method=method.value, base=base, delta=delta, post=post, density=density, lambda_=lambda_, seed=seed,
@@ -322,7 +322,7 @@ def delta_extract(
     quiet: Quiet = False,
 ) -> None:
     """Write P - B once (with P's tokenizer, chat template and provenance) for grafting onto many MoEs."""
-    from deltamoe.delta import extract_delta
+    from deltamoe.ops.extract import extract_delta
     from deltamoe.errors import UsageError
 
     if dtype == DtypeChoice.auto:
@@ -444,7 +444,7 @@ def run_(
     quiet: Quiet = False,
 ) -> None:
     """Run a recipe: every stage in order (cached), then report.md, results.json and plots."""
-    from deltamoe.pipeline import run_recipe
+    from deltamoe.pipeline.run import run_recipe
 
     run_recipe(recipe, dry_run=dry_run, progress=not quiet, log=typer.echo)
 

@@ -4,10 +4,16 @@ configs and studies."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltamoe.errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound="BaseModel")
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], kind: str, mapping: str = "a mapping") -> dict[str, Any]:
@@ -25,6 +31,22 @@ def read_yaml_mapping(path: str | os.PathLike[str], kind: str, mapping: str = "a
     if not isinstance(raw, dict):
         raise UsageError(f"{p}: expected {mapping} at the top level")
     return raw
+
+
+def load_yaml_model(path: str | os.PathLike[str], kind: str, model: type[M],
+                    format_errors: Callable[[ValidationError, str], str]) -> tuple[M, Path]:
+    """A YAML file validated as ``model``, and the file's directory (where its relative paths
+    resolve). A validation error is one :class:`UsageError`, worded by ``format_errors(error,
+    path)``."""
+    from pydantic import ValidationError
+
+    p = Path(path)
+    raw = read_yaml_mapping(p, kind)
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(format_errors(e, str(p))) from None
+    return spec, p.parent.absolute()
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:

@@ -24,8 +24,8 @@ def demo_recipe_text() -> str:
 
 def run_demo(workdir: str | os.PathLike[str] = "deltamoe-demo", *, log: Callable[[str], Any] = print,
              progress: bool = True) -> dict[str, Any]:
-    """Run the demo recipe in ``workdir``; return what :func:`deltamoe.pipeline.run_recipe` returns."""
-    from deltamoe.pipeline import run_recipe
+    """Run the demo recipe in ``workdir``; return what :func:`deltamoe.pipeline.run.run_recipe` returns."""
+    from deltamoe.pipeline.run import run_recipe
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -272,6 +272,11 @@ def _blame(step: Step, tensors: list[torch.Tensor], name: str) -> CheckpointErro
     )
 
 
+def byte_bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A progress bar over ``total`` bytes on stderr, shown only with ``progress``."""
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr)
+
+
 def run_steps(
     steps: Iterable[Step],
     writer: ShardedWriter,
@@ -293,23 +298,55 @@ def run_steps(
     return_large_frees_to_os()  # chunk buffers are freed back to the OS, not kept in the heap
     if buffer_bytes is None:
         buffer_bytes = auto_buffer_bytes(planned)
-    reader = _Reader()
-    read_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-read")
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-write")
-    total = sum(s.nbytes for s in planned.values())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr)
-    reads_ahead: deque[tuple[Step, list[int], Future[list[torch.Tensor]], int]] = deque()
-    writes: deque[tuple[Future[None], int]] = deque()
-    state = {"read": 0, "write": 0}
-    it: Iterator[Step] = iter(steps)
+    run = _Run(iter(steps), writer, planned, buffer_bytes, check_finite,
+               byte_bar(sum(s.nbytes for s in planned.values()), desc, progress))
+    # The pipeline keeps a reader, a writer and a hashing thread busy beside the computation.
+    # Leave them a core: torch's OpenMP workers spin-wait between kernels, and on a small
+    # machine they would spin on the cores the I/O threads need (measured on 2 cores: 2.5x
+    # the CPU time of one compute thread, and slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
+    try:
+        run.run()
+    finally:
+        _SCRATCH.clear()
+        torch.set_num_threads(threads)
+        run.close()
 
-    def fetch(uniq: list[Read]) -> list[torch.Tensor]:
-        return [reader.read(r) for r in uniq]
 
-    def fill() -> None:
-        # Queue reads until the read-ahead budget is used (always at least one step).
-        while not reads_ahead or state["read"] < buffer_bytes:
-            step = next(it, None)
+class _Run:
+    """One :func:`run_steps`: the steps whose reads are queued, the pieces being written, and
+    the bytes of each (bounded by ``buffer_bytes``)."""
+
+    def __init__(self, steps: Iterator[Step], writer: ShardedWriter, planned: dict[str, TensorSpec],
+                 buffer_bytes: int, check_finite: bool, bar: tqdm) -> None:
+        self.steps, self.writer, self.planned = steps, writer, planned
+        self.buffer_bytes, self.check_finite, self.bar = buffer_bytes, check_finite, bar
+        self.reader = _Reader()
+        self.read_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-read")
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="deltamoe-write")
+        self.reads_ahead: deque[tuple[Step, list[int], Future[list[torch.Tensor]], int]] = deque()
+        self.writes: deque[tuple[Future[None], int]] = deque()
+        self.read_bytes = self.write_bytes = 0
+
+    def run(self) -> None:
+        self.fill()
+        while self.reads_ahead:
+            step, index, fut, nbytes = self.reads_ahead.popleft()
+            uniq = fut.result()
+            self.read_bytes -= nbytes
+            self.fill()
+            tensors = [uniq[i] for i in index]
+            del uniq
+            self.compute(step, tensors)
+            del tensors
+        while self.writes:
+            self.retire()
+
+    def fill(self) -> None:
+        """Queue reads until the read-ahead budget is used (always at least one step)."""
+        while not self.reads_ahead or self.read_bytes < self.buffer_bytes:
+            step = next(self.steps, None)
             if step is None:
                 return
             keys: dict[tuple, int] = {}
@@ -322,67 +359,57 @@ def run_steps(
                     uniq.append(r)
                 index.append(keys[k])
             nbytes = sum(r.nbytes for r in uniq)
-            reads_ahead.append((step, index, read_pool.submit(fetch, uniq), nbytes))
-            state["read"] += nbytes
+            self.reads_ahead.append((step, index, self.read_pool.submit(self.fetch, uniq), nbytes))
+            self.read_bytes += nbytes
 
-    def write(name: str, start: int | None, t: torch.Tensor) -> None:
+    def fetch(self, uniq: list[Read]) -> list[torch.Tensor]:
+        return [self.reader.read(r) for r in uniq]
+
+    def compute(self, step: Step, tensors: list[torch.Tensor]) -> None:
+        """Compute ``step`` from its inputs; check, round and queue every piece for the writer."""
+        if self.check_finite and step.check_inputs and not all(_finite(t) for t in tensors if t.is_floating_point()):
+            raise _blame(step, tensors, "(inputs)")
+        outs = list(step.compute(tensors))
+        if sum(_SCRATCH.owns(t) for _, _, t in outs) > 1:
+            raise RuntimeError("a step yielded several pieces in the scratch buffer (add32(scratch=True)); "
+                               "this is a deltamoe bug")
+        for name, start, t in outs:
+            # NaN/Inf in any input reaches some output: checking the outputs (in float32,
+            # before rounding) covers the inputs at a fraction of the cost of checking them.
+            if self.check_finite and t.is_floating_point() and not _finite(t):
+                raise _blame(step, tensors, name)
+            dt = torch_dtype(self.planned[name].dtype)
+            if t.dtype != dt:
+                t = t.to(dt)  # the one rounding to the output dtype
+            elif _SCRATCH.owns(t):
+                t = t.clone()  # the writer runs later; the buffer is reused by the next step
+            self.queue_write(name, start, t)
+            del t
+
+    def queue_write(self, name: str, start: int | None, t: torch.Tensor) -> None:
+        # Bound the output waiting for the writer; surface writer errors early.
+        while self.writes and (self.writes[0][0].done() or self.write_bytes + t.nbytes > self.buffer_bytes):
+            self.retire()
+        self.writes.append((self.write_pool.submit(self.write, name, start, t), t.nbytes))
+        self.write_bytes += t.nbytes
+
+    def retire(self) -> None:
+        """Wait for the oldest write (raising its error, if any)."""
+        wf, wn = self.writes.popleft()
+        wf.result()
+        self.write_bytes -= wn
+        self.bar.update(wn)
+
+    def write(self, name: str, start: int | None, t: torch.Tensor) -> None:
         if start is None:
-            writer.write(name, t)
+            self.writer.write(name, t)
         else:
-            writer.write_rows(name, start, t)
+            self.writer.write_rows(name, start, t)
 
-    # The pipeline keeps a reader, a writer and a hashing thread busy beside the computation.
-    # Leave them a core: torch's OpenMP workers spin-wait between kernels, and on a small
-    # machine they would spin on the cores the I/O threads need (measured on 2 cores: 2.5x
-    # the CPU time of one compute thread, and slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
-    try:
-        fill()
-        while reads_ahead:
-            step, index, fut, nbytes = reads_ahead.popleft()
-            uniq = fut.result()
-            state["read"] -= nbytes
-            fill()
-            tensors = [uniq[i] for i in index]
-            del uniq
-            if check_finite and step.check_inputs and not all(_finite(t) for t in tensors if t.is_floating_point()):
-                raise _blame(step, tensors, "(inputs)")
-            outs = list(step.compute(tensors))
-            if sum(_SCRATCH.owns(t) for _, _, t in outs) > 1:
-                raise RuntimeError("a step yielded several pieces in the scratch buffer (add32(scratch=True)); "
-                                   "this is a deltamoe bug")
-            for name, start, t in outs:
-                # NaN/Inf in any input reaches some output: checking the outputs (in float32,
-                # before rounding) covers the inputs at a fraction of the cost of checking them.
-                if check_finite and t.is_floating_point() and not _finite(t):
-                    raise _blame(step, tensors, name)
-                spec = planned[name]
-                dt = torch_dtype(spec.dtype)
-                if t.dtype != dt:
-                    t = t.to(dt)  # the one rounding to the output dtype
-                elif _SCRATCH.owns(t):
-                    t = t.clone()  # the writer runs later; the buffer is reused by the next step
-                # Bound the output waiting for the writer; surface writer errors early.
-                while writes and (writes[0][0].done() or state["write"] + t.nbytes > buffer_bytes):
-                    wf, wn = writes.popleft()
-                    wf.result()
-                    state["write"] -= wn
-                    bar.update(wn)
-                writes.append((write_pool.submit(write, name, start, t), t.nbytes))
-                state["write"] += t.nbytes
-                del t
-            del tensors, outs
-        while writes:
-            wf, wn = writes.popleft()
-            wf.result()
-            bar.update(wn)
-    finally:
-        _SCRATCH.clear()
-        torch.set_num_threads(threads)
-        for pending in [*(x[2] for x in reads_ahead), *(w[0] for w in writes)]:
+    def close(self) -> None:
+        for pending in [*(x[2] for x in self.reads_ahead), *(w[0] for w in self.writes)]:
             pending.cancel()
-        read_pool.shutdown(wait=True)
-        write_pool.shutdown(wait=True)
-        reader.close()
-        bar.close()
+        self.read_pool.shutdown(wait=True)
+        self.write_pool.shutdown(wait=True)
+        self.reader.close()
+        self.bar.close()

@@ -8,7 +8,7 @@ and the tensors M shares with B (zero where stage 1 kept them frozen, and report
 
 Everything streams: tensors are read in row chunks by the engine's reader thread, each chunk's
 three dot products go into float64 sums, and nothing but those sums is kept. Δ comes from the
-same sources as graft's (:func:`deltamoe.delta.open_deltas`).
+same sources as graft's (:func:`deltamoe.ops.deltas.open_deltas`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from tqdm.auto import tqdm
 
 from deltamoe import __version__, arch
 from deltamoe.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, check_output, open_checkpoint, write_json
-from deltamoe.delta import _STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, natural_key, open_deltas, pair_rows
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, diff32, is_float, row_chunks, run_steps
+from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, diff32, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.inspect_output import Acc, Target, format_table, plot, summary_rows, table_rows, totals
+from deltamoe.ops.common import check_float, natural_key
+from deltamoe.ops.deltas import open_deltas
+from deltamoe.ops.graft import moe_tensors
+from deltamoe.ops.sources import STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, pair_rows
 from deltamoe.provenance import read_manifest
 
 JSON_NAME = "inspect.json"
@@ -67,7 +70,7 @@ def _ffn_groups(dense_ffn: dict[str, str], n_layers: int) -> dict[str, tuple[int
 
 # -- inputs -----------------------------------------------------------------------------------
 def _same_structure(b: Checkpoint, x: Checkpoint) -> None:
-    for key in _STRUCTURAL:
+    for key in STRUCTURAL:
         if b.config.get(key) != x.config.get(key):
             hint = " (an MoE made by 'deltamoe upcycle' goes to --moe)" if read_manifest(x.path) and key == "model_type" else ""
             raise ArchitectureError(
@@ -79,7 +82,7 @@ def _same_structure(b: Checkpoint, x: Checkpoint) -> None:
 
 def _check_base_of_artifact(b: Checkpoint, src: ArtifactDelta) -> None:
     """``--base B`` beside ``--delta D``: B must have the tensors and shapes D was extracted against."""
-    for key in _STRUCTURAL:
+    for key in STRUCTURAL:
         if b.config.get(key) != src.base_config.get(key):
             raise ArchitectureError(
                 f"{b.path / 'config.json'}: {key} = {b.config.get(key)!r}, but the delta {src.label} was extracted "
@@ -206,24 +209,6 @@ def _plan_dense(src: DeltaSource, b: Checkpoint | None, x: Checkpoint, bar: Any)
     return targets, steps, notes
 
 
-def _moe_names(moe: dict[str, Any], m: Checkpoint) -> tuple[dict[str, tuple[str, int, str, int]], set[str]]:
-    """Expert tensor -> (dense FFN name, layer, group, expert); and the routers and inert tensors."""
-    names = moe["names"]
-    expert_of: dict[str, tuple[str, int, str, int]] = {}
-    untouched: set[str] = set()
-    for layer in sorted(set(moe["moe_layers"]) | set(moe["replicated_layers"])):
-        for role, tmpl in names["expert_ffn"].items():
-            dense = names["dense_ffn"][role].format(layer=layer)
-            for e in range(int(moe["num_experts"])):
-                expert_of[tmpl.format(layer=layer, expert=e)] = (dense, layer, f"mlp.{role}", e)
-        untouched.add(names["router"].format(layer=layer))
-        untouched.update(t.format(layer=layer) for t in names["inert"])
-    absent = sorted(n for n in [*expert_of, *untouched] if n not in m.tensors)
-    if absent:
-        raise CheckpointError(f"{m.path}: missing tensor(s) {absent[:5]} that its deltamoe.json 'moe' block implies")
-    return expert_of, untouched
-
-
 def _check_shape(m: Checkpoint, name: str, src: DeltaSource, dense: str) -> None:
     want, got = src.base_shape(dense), m.spec(name)
     if got.shape != want or (name != dense and src.shapes[dense] != want):
@@ -231,14 +216,13 @@ def _check_shape(m: Checkpoint, name: str, src: DeltaSource, dense: str) -> None
             f"tensor {name!r} has shape {list(got.shape)} in {m.tensors[name].file}, but {dense!r} has "
             f"{list(src.shapes[dense])} in the base/post models ({src.label}); M was not upcycled from this base"
         )
-    if not is_float(got.dtype):
-        raise CheckpointError(f"{m.tensors[name].file}: tensor {name!r} is {got.dtype}, not floating point")
+    check_float(m, name)
 
 
 def _plan_moe(src: DeltaSource, b: Checkpoint | None, m: Checkpoint, bar: Any) -> tuple[list[Target], list[Step], list[str]]:
     moe = _moe_block(m)
     _check_family(m, moe, src)
-    expert_of, untouched = _moe_names(moe, m)
+    expert_of, untouched = moe_tensors(m, moe)
     ffn = _ffn_groups(moe["names"]["dense_ffn"], arch.num_layers(m.config, source=str(m.path / "config.json")))
     experts: dict[str, list[Target]] = {}
     expert_names: dict[str, dict[int, str]] = {}
@@ -248,7 +232,8 @@ def _plan_moe(src: DeltaSource, b: Checkpoint | None, m: Checkpoint, bar: Any) -
         if name in untouched:
             continue
         if name in expert_of:
-            dense, layer, group, e = expert_of[name]
+            dense, layer, role, e = expert_of[name]
+            group = f"mlp.{role}"
             if dense not in src.shapes:
                 raise CheckpointError(f"{src.label}: has no tensor {dense!r}, the dense FFN of expert {name!r} of {m.path}")
             _check_shape(m, name, src, dense)

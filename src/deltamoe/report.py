@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -202,113 +201,30 @@ def format_language_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _err(row: dict[str, Any], key: str) -> list[float]:
-    v, (lo, hi) = row[key], row[f"{key}_ci"]
-    return [max(0.0, v - lo), max(0.0, hi - v)]
-
-
-def _plots(results: dict[str, Any], loss_logs: dict[str, Path], plots: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(results)
-    langs = [*results["languages"]["original"], *results["languages"]["new"]]
-    made: dict[str, str] = {}
-    if rows:
-        fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(rows)), 8), sharex=True)
-        width = 0.8 / len(langs)
-        for ax, m, title in zip(axes, METRICS, ("multiple choice (log-likelihood)", "chat QA (exact match)"), strict=True):
-            for j, lang in enumerate(langs):
-                errs = list(zip(*(_err(r, f"{m}_{lang}") for r in rows), strict=True))
-                ax.bar([i + j * width for i in range(len(rows))], [r[f"{m}_{lang}"] for r in rows], width, label=lang,
-                       yerr=errs, capsize=2, error_kw={"linewidth": 0.7})
-            ax.set_ylabel(f"{title} accuracy")
-            ax.set_ylim(0, 1)
-            ax.legend(title="language", fontsize=7)
-        axes[-1].set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["label"] for r in rows],
-                            rotation=30, ha="right")
-        axes[0].set_title("Accuracy per language per system (bars: 95 % Wilson intervals over items)")
-        fig.tight_layout()
-        fig.savefig(plots / "accuracy.png", dpi=120)
-        plt.close(fig)
-        made["accuracy"] = "plots/accuracy.png"
-        for m, what in (("qa", "chat QA"), ("mc", "multiple-choice")):
-            made[f"tradeoff_{m}"] = _tradeoff(plt, rows, m, what, plots / f"tradeoff_{m}.png")
-
-    for name in ("deltamoe", "moe_lpr"):
-        png = results["systems"].get(name, {}).get("routing_png")
-        if png and Path(png).is_file():
-            shutil.copyfile(png, plots / f"routing-{name}.png")
-            made[f"routing-{name}"] = f"plots/routing-{name}.png"
-
-    curves = {k: _read_losses(p) for k, p in loss_logs.items() if p.is_file()}
-    curves = {k: v for k, v in curves.items() if v}
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.8), squeeze=False)
-        for ax, (stage, series) in zip(axes[0], curves.items()):
-            for key, pts in series.items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 20 else None, label=key)
-            ax.set_title(stage)
-            ax.set_xlabel("step")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "training_loss.png", dpi=120)
-        plt.close(fig)
-        made["training_loss"] = "plots/training_loss.png"
-    return made
-
-
-def _tradeoff(plt: Any, rows: list[dict[str, Any]], m: str, what: str, path: Path) -> str:
-    """Original- vs new-language accuracy, one point per system with its 95 % intervals. Systems
-    often coincide, so they are told apart by marker and colour in a legend, not by text labels;
-    DeltaMoE is the star, upper bounds are hollow squares."""
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    markers = "osD^v<>pXhP8"  # "*" is kept for DeltaMoE
-    cmap = plt.get_cmap("tab20")
-    for i, r in enumerate(rows):
-        x, y = r[f"{m}_original"], r[f"{m}_new"]
-        big = r["system"] == "deltamoe"
-        marker = "*" if big else "s" if r["upper_bound"] else markers[i % len(markers)]
-        color = cmap(i % 20)
-        ax.errorbar(x, y, xerr=[[e] for e in _err(r, f"{m}_original")], yerr=[[e] for e in _err(r, f"{m}_new")],
-                    fmt="none", ecolor=color, elinewidth=0.8, capsize=2, zorder=1)
-        ax.scatter(x, y, s=140 if big else 45, marker=marker, color="none" if r["upper_bound"] else color,
-                   edgecolors=color if r["upper_bound"] else "black", linewidths=1.2 if r["upper_bound"] else 0.5,
-                   alpha=0.9, zorder=3 if big else 2, label=f"{r['label']} ({x:.2f}, {y:.2f})")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="system (orig, new)",
-              title_fontsize=8, frameon=False)
-    ax.grid(alpha=0.3)
-    ax.set_xlabel(f"original-language {what} accuracy")
-    ax.set_ylabel(f"new-language {what} accuracy")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Trade-off ({what}): original vs expanded languages, 95 % intervals")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"plots/{path.name}"
-
-
-def _read_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
-    series: dict[str, list[tuple[int, float]]] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") != "train":
-            continue
-        for k, v in rec.items():
-            if k.startswith("loss") and isinstance(v, (int, float)):
-                series.setdefault(k, []).append((int(rec["step"]), float(v)))
-    return series
-
-
 def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Path], recipe_text: str) -> Path:
     """Write results.json, plots/ and report.md into ``workdir``; return the report path."""
+    from deltamoe.report_plots import draw_plots
+
     (workdir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    made = _plots(results, loss_logs, workdir / "plots")
-    lines = [
+    made = draw_plots(results, loss_logs, workdir / "plots")
+    lines = _results_section(results) + _answers_section(results) + _allocation_section(results)
+    if results.get("budget_matched"):
+        lines += _budget_section(results["budget_matched"])
+    if results.get("block_expansion"):
+        lines += _match_section(results["block_expansion"])
+    if made:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in made.items()] + [""]
+    lines += ["## Checkpoints", "", "| system | sha256 | path |", "|---|---|---|"]
+    for name, e in results["systems"].items():
+        lines.append(f"| {LABELS.get(name, name)} | `{e['sha256'][:16]}…` | `{e['checkpoint']}` |")
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    report = workdir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _results_section(results: dict[str, Any]) -> list[str]:
+    return [
         f"# deltamoe report: {results.get('recipe_name', '')}",
         "",
         f"Generated {results['generated']} by deltamoe {results['deltamoe_version']} on {results['machine']}. "
@@ -329,60 +245,58 @@ def write_report(workdir: Path, results: dict[str, Any], loss_logs: dict[str, Pa
         format_language_table(results),
         "",
     ]
+
+
+def _section(title: str, *paragraphs: str) -> list[str]:
+    """A report section: its heading and paragraphs (a table is one paragraph), blank lines between."""
+    lines = [f"## {title}", ""]
+    for para in paragraphs:
+        lines += [para, ""]
+    return lines
+
+
+def _answers_section(results: dict[str, Any]) -> list[str]:
     kinds = answer_rows(results)
-    if kinds:
-        lines += [
-            "## What the new-language answers are",
-            "",
-            "Share of all new-language chat answers that are a value word of the asked relation in the question's "
-            "language (right or wrong), a value word of the original language, or anything else. A diagnostic: "
-            "the score above stays exact match.",
-            "",
-            "| system | asked relation, question's language | original-language word | other | answers |",
-            "|---|---|---|---|---|",
-            *(f"| {r['label']} | {r['asked_relation']:.3f} | {r['original_language']:.3f} | {r['other']:.3f} | {r['n']} |"
-              for r in kinds),
-            "",
-        ]
+    if not kinds:
+        return []
+    table = [
+        "| system | asked relation, question's language | original-language word | other | answers |",
+        "|---|---|---|---|---|",
+        *(f"| {r['label']} | {r['asked_relation']:.3f} | {r['original_language']:.3f} | {r['other']:.3f} | {r['n']} |"
+          for r in kinds),
+    ]
+    return _section(
+        "What the new-language answers are",
+        "Share of all new-language chat answers that are a value word of the asked relation in the question's "
+        "language (right or wrong), a value word of the original language, or anything else. A diagnostic: "
+        "the score above stays exact match.",
+        "\n".join(table))
+
+
+def _allocation_section(results: dict[str, Any]) -> list[str]:
     alloc = format_allocation_table(results)
-    if alloc:
-        lines += [
-            "## Language allocation realised",
-            "",
-            "Per MoE system and language: the share of the language's held-out tokens whose top-1 expert is one of "
-            "the experts allocated to it (the original language: expert 0), the mean over MoE layers and, in "
-            "brackets, layer by layer. Measured without language tags, as the model is served.",
-            "",
-            alloc,
-            "",
-        ]
-    budget = results.get("budget_matched")
-    if budget:
-        lines += [
-            "## FLOP-matched dense baseline",
-            "",
-            f"MoE training: {budget['moe_tokens']:,} tokens × 6 × {budget['n_active_moe']:,} active parameters = "
-            f"{budget['moe_flops']:.3e} FLOPs. Dense CPT: {budget['dense_steps']} steps × 6 × {budget['n_dense']:,} "
-            f"parameters = {budget['dense_flops']:.3e} FLOPs (6·N·tokens; see `deltamoe.pipeline`).",
-            "",
-        ]
-    match = results.get("block_expansion")
-    if match:
-        lines += [
-            "## Parameter-matched dense baseline",
-            "",
-            f"Block expansion adds {match['blocks']} decoder blocks (output layers {match['new_layers']}): "
-            f"{match['added_params']:,} parameters, against {match['moe_added_params']:,} for the MoE's new experts "
-            f"and routers (ratio {match['ratio']:.3f}). Only the new blocks train, on stage 1's data and steps; "
-            "Δ is grafted onto the original blocks.",
-            "",
-        ]
-    if made:
-        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in made.items()] + [""]
-    lines += ["## Checkpoints", "", "| system | sha256 | path |", "|---|---|---|"]
-    for name, e in results["systems"].items():
-        lines.append(f"| {LABELS.get(name, name)} | `{e['sha256'][:16]}…` | `{e['checkpoint']}` |")
-    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
-    report = workdir / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    if not alloc:
+        return []
+    return _section(
+        "Language allocation realised",
+        "Per MoE system and language: the share of the language's held-out tokens whose top-1 expert is one of "
+        "the experts allocated to it (the original language: expert 0), the mean over MoE layers and, in "
+        "brackets, layer by layer. Measured without language tags, as the model is served.",
+        alloc)
+
+
+def _budget_section(budget: dict[str, Any]) -> list[str]:
+    return _section(
+        "FLOP-matched dense baseline",
+        f"MoE training: {budget['moe_tokens']:,} tokens × 6 × {budget['n_active_moe']:,} active parameters = "
+        f"{budget['moe_flops']:.3e} FLOPs. Dense CPT: {budget['dense_steps']} steps × 6 × {budget['n_dense']:,} "
+        f"parameters = {budget['dense_flops']:.3e} FLOPs (6·N·tokens; see `deltamoe.pipeline`).")
+
+
+def _match_section(match: dict[str, Any]) -> list[str]:
+    return _section(
+        "Parameter-matched dense baseline",
+        f"Block expansion adds {match['blocks']} decoder blocks (output layers {match['new_layers']}): "
+        f"{match['added_params']:,} parameters, against {match['moe_added_params']:,} for the MoE's new experts "
+        f"and routers (ratio {match['ratio']:.3f}). Only the new blocks train, on stage 1's data and steps; "
+        "Δ is grafted onto the original blocks.")

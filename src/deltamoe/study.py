@@ -66,20 +66,18 @@ class StudySpec(BaseModel):
         return variants
 
 
+def _format_errors(e: ValidationError, source: str) -> str:
+    msgs = [f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: "
+            + ("unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
+            for err in e.errors()]
+    return f"{source}: " + "; ".join(msgs)
+
+
 def load_study(path: str | os.PathLike[str]) -> tuple[StudySpec, Path]:
     """Parse and validate a study YAML; return it and its directory."""
-    from deltamoe.config_files import read_yaml_mapping
+    from deltamoe.config_files import load_yaml_model
 
-    p = Path(path)
-    raw = read_yaml_mapping(p, "study")
-    try:
-        spec = StudySpec.model_validate(raw)
-    except ValidationError as e:
-        msgs = [f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: "
-                + ("unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
-                for err in e.errors()]
-        raise UsageError(f"{p}: " + "; ".join(msgs)) from None
-    return spec, p.parent.absolute()
+    return load_yaml_model(path, "study", StudySpec, _format_errors)
 
 
 def _base_recipe(spec: StudySpec, sdir: Path) -> tuple[dict[str, Any], Path]:
@@ -144,7 +142,7 @@ def run_study(path: str | os.PathLike[str], *, dry_run: bool = False, progress: 
               log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Validate every run of the study, then run them in order (cached, resumable) and write
     ``study.json``, ``study.md`` and the trade-off plots into the study's work directory."""
-    from deltamoe.pipeline import run_recipe
+    from deltamoe.pipeline.run import run_recipe
 
     spec, sdir = load_study(path)
     workdir, runs = plan_runs(spec, sdir)

@@ -52,7 +52,7 @@ def bootstrap(per_seed: list[np.ndarray], resamples: int, seed: int) -> tuple[fl
 def _rows(spec: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (system, variant), variants folded into one row where the system's evaluation
     stage is the same in all of them; each with per-seed item maps."""
-    from deltamoe.pipeline import SYSTEM_ORDER
+    from deltamoe.pipeline.graph import SYSTEM_ORDER
     from deltamoe.report import LABELS
 
     variants = list(spec.variants)

@@ -85,14 +85,32 @@ def evaluate(
     from deltamoe.engine import check_finite_tensors
 
     check_finite_tensors(ckpt)  # a NaN weight would give NaN perplexities, not an error
+    from deltamoe.evaluate.qa import MAX_NEW_TOKENS
 
+    lm, tokenizer = _load_lm(model_path, qa, progress)
+    results: dict[str, Any] = {
+        "model": str(model_path.absolute()),
+        "suite": suite,
+        "data": str(data_path.absolute()),
+        "toy": {k: toy.manifest.get(k) for k in ("key", "size", "seed")},
+        "settings": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": batch_size, "max_items": max_items,
+                     "qa": qa, "mc": mc},
+        "languages": {},
+    }
+    scorer = _Scorer(lm, tokenizer, toy, batch_size, progress, ckpt.config, _moe_block(model_path))
+    for lang in toy.languages:
+        results["languages"][lang] = scorer.language(lang, qa, mc)
+    _write(out_path, results, scorer, model_path)
+    results["out"] = str(out_path)
+    return results
+
+
+def _load_lm(model_path: Path, qa: bool, progress: bool) -> tuple[Any, Any]:
+    """The model (float32, eval mode) and its tokenizer, which must have a chat template for QA."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltamoe.evaluate.mc import score_mc
-    from deltamoe.evaluate.perplexity import perplexity
-    from deltamoe.evaluate.qa import MAX_NEW_TOKENS, answer_kinds, require_chat_template, score_items
-    from deltamoe.evaluate.routing import RoutingCounter, allocation_shares, draw_heatmap, moe_shape
+    from deltamoe.evaluate.qa import require_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -103,71 +121,81 @@ def evaluate(
     with hf_progress(progress):
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     lm.eval()
-    shape = moe_shape(ckpt.config)
-    moe_info = _moe_block(model_path)
+    return lm, tokenizer
 
-    results: dict[str, Any] = {
-        "model": str(model_path.absolute()),
-        "suite": suite,
-        "data": str(data_path.absolute()),
-        "toy": {k: toy.manifest.get(k) for k in ("key", "size", "seed")},
-        "settings": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": batch_size, "max_items": max_items,
-                     "qa": qa, "mc": mc},
-        "languages": {},
-    }
-    predictions: list[dict[str, Any]] = []
-    routing: dict[str, Any] = {}
-    for lang in toy.languages:
+
+class _Scorer:
+    """Scores one language at a time; keeps every prediction and, for MoE models, the routing."""
+
+    def __init__(self, lm: Any, tokenizer: Any, toy: Any, batch_size: int, progress: bool, config: dict[str, Any],
+                 moe_info: dict[str, Any]) -> None:
+        from deltamoe.evaluate.routing import moe_shape
+
+        self.lm, self.tokenizer, self.toy = lm, tokenizer, toy
+        self.batch_size, self.progress = batch_size, progress
+        self.shape = moe_shape(config)
+        self.moe_info = moe_info
+        self.predictions: list[dict[str, Any]] = []
+        self.routing: dict[str, Any] = {}
+
+    def _tasks(self, row: dict[str, Any], lang: str, tasks: tuple[str, ...], sets: dict[str, Any], score: Any,
+               group: str) -> list[dict[str, Any]]:
+        """Score ``tasks`` of ``sets`` with ``score``; the accuracy of each and of ``group`` (all of them)."""
+        all_records: list[dict[str, Any]] = []
+        for task in tasks:
+            _, records = score(self.lm, self.tokenizer, sets[task], batch_size=self.batch_size,
+                               progress=self.progress, desc=f"{lang} {task}")
+            _accuracy(row, task, records)
+            all_records += records
+            self.predictions += [{"lang": lang, "task": task, **r} for r in records]
+        _accuracy(row, group, all_records)
+        return all_records
+
+    def language(self, lang: str, qa: bool, mc: bool) -> dict[str, Any]:
+        """The row of ``lang``: QA, multiple choice, perplexity (and routing, kept aside)."""
+        from deltamoe.evaluate.mc import score_mc
+        from deltamoe.evaluate.perplexity import perplexity
+        from deltamoe.evaluate.qa import answer_kinds, score_items
+        from deltamoe.evaluate.routing import RoutingCounter, allocation_shares
+
+        toy = self.toy
         row: dict[str, Any] = {}
         if qa:
-            lang_items: list[dict[str, Any]] = []
-            lang_records: list[dict[str, Any]] = []
-            for task in QA_TASKS:
-                items = toy.qa[lang][task]
-                _, records = score_items(lm, tokenizer, items, batch_size=batch_size, progress=progress,
-                                         desc=f"{lang} {task}")
-                _accuracy(row, task, records)
-                lang_items += items
-                lang_records += records
-                predictions += [{"lang": lang, "task": task, **r} for r in records]
-            _accuracy(row, "qa", lang_records)
+            records = self._tasks(row, lang, QA_TASKS, toy.qa[lang], score_items, "qa")
             if lang in toy.relation_words:
-                row["answers"] = answer_kinds(lang_records, lang_items, toy.relation_words[lang], toy.original_words)
+                items = [item for task in QA_TASKS for item in toy.qa[lang][task]]
+                row["answers"] = answer_kinds(records, items, toy.relation_words[lang], toy.original_words)
         if mc:
-            mc_records: list[dict[str, Any]] = []
-            for task in MC_TASKS:
-                _, records = score_mc(lm, tokenizer, toy.mc[lang][task], batch_size=batch_size, progress=progress,
-                                      desc=f"{lang} {task}")
-                _accuracy(row, task, records)
-                mc_records += records
-                predictions += [{"lang": lang, "task": task, **r} for r in records]
-            _accuracy(row, "mc", mc_records)
-        counter = RoutingCounter(*shape) if shape else None
-        ppl = perplexity(lm, tokenizer, toy.ppl[lang], batch_size=batch_size, router=counter,
-                         progress=progress, desc=f"{lang} ppl")
+            self._tasks(row, lang, MC_TASKS, toy.mc[lang], score_mc, "mc")
+        counter = RoutingCounter(*self.shape) if self.shape else None
+        ppl = perplexity(self.lm, self.tokenizer, toy.ppl[lang], batch_size=self.batch_size, router=counter,
+                         progress=self.progress, desc=f"{lang} ppl")
         row["ppl"] = ppl["ppl"]
         row["ppl_tokens"] = ppl["tokens"]
-        results["languages"][lang] = row
         if counter is not None:
-            routing[lang] = counter.result(moe_info.get("moe_layers"))
-            experts = (moe_info.get("allocation") or {}).get(lang)
-            if experts and routing[lang]["top1"]:
-                routing[lang].update(allocation_shares(routing[lang]["top1"], [int(e) for e in experts]))
+            self.routing[lang] = counter.result(self.moe_info.get("moe_layers"))
+            experts = (self.moe_info.get("allocation") or {}).get(lang)
+            if experts and self.routing[lang]["top1"]:
+                self.routing[lang].update(allocation_shares(self.routing[lang]["top1"], [int(e) for e in experts]))
+        return row
+
+
+def _write(out_path: Path, results: dict[str, Any], scorer: _Scorer, model_path: Path) -> None:
+    """results.json, predictions.jsonl and, for MoE models, routing.json and its heatmap."""
+    from deltamoe.evaluate.routing import draw_heatmap
 
     out_path.mkdir(parents=True, exist_ok=True)
-    if routing:
-        assert shape is not None
-        results["routing"] = {"num_experts": shape[0], "top_k": shape[1], "allocation": moe_info.get("allocation"),
-                              "languages": routing}
+    if scorer.routing:
+        assert scorer.shape is not None
+        results["routing"] = {"num_experts": scorer.shape[0], "top_k": scorer.shape[1],
+                              "allocation": scorer.moe_info.get("allocation"), "languages": scorer.routing}
         (out_path / ROUTING_JSON).write_text(json.dumps(results["routing"], indent=2) + "\n")
         draw_heatmap(results["routing"], out_path / ROUTING_PNG, title=f"{model_path.name}: tokens per expert")
         results["routing_files"] = [ROUTING_JSON, ROUTING_PNG]
     with open(out_path / PREDICTIONS_NAME, "w", encoding="utf-8") as f:
-        for p in predictions:
+        for p in scorer.predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     (out_path / RESULTS_NAME).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    results["out"] = str(out_path)
-    return results
 
 
 def _accuracy(row: dict[str, Any], name: str, records: list[dict[str, Any]]) -> None:

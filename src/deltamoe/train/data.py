@@ -1,9 +1,6 @@
-"""Language-tagged training data: sources, mixing, tokenisation, packing, held-out split.
+"""Language-tagged training data: mixing, tokenisation, packing, held-out split.
 
-Every source is read as a ``datasets`` streaming ``IterableDataset`` (jsonl, txt, parquet, or any
-local path ``datasets`` can load, including ``save_to_disk`` directories), so a corpus larger
-than memory works: only the records in flight are held.
-
+The sources themselves are found and opened by deltamoe.train.sources, as streaming datasets.
 A record is a document with a text and a language tag (the record's own ``lang`` field, else
 the source's ``lang``, else none). Documents are tokenised with the model's tokenizer (with its
 own special tokens, plus EOS), then packed end to end into fixed-length sequences; every token
@@ -28,124 +25,24 @@ batch, so the result does not depend on the number of processes.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import random
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from deltamoe.errors import DataError
-from deltamoe.train.config import DataConfig, SourceConfig
+from deltamoe.train.sections import DataConfig, SourceConfig
+from deltamoe.train.sources import Languages, open_source, source_label
 
-UNTAGGED = -1
-_SUFFIXES = {
-    ".jsonl": "jsonl",
-    ".json": "jsonl",
-    ".jsonl.gz": "jsonl",
-    ".json.gz": "jsonl",
-    ".txt": "txt",
-    ".txt.gz": "txt",
-    ".parquet": "parquet",
-}
-_BUILDER = {"jsonl": "json", "txt": "text", "parquet": "parquet"}
 _PREFLIGHT_RECORDS = 1000
 
 
-@dataclass(frozen=True)
-class Languages:
-    """The languages of the model's allocation, in index order, with their experts.
-
-    ``kind="sources"``: a dense model has no allocation; its languages are the ``lang`` tags of
-    the configured sources (the experts lists are empty).
-    """
-
-    allocation: Mapping[str, Sequence[int]]
-    kind: str = "allocation"
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.allocation)
-
-    def index(self, tag: str | None, where: str) -> int:
-        if tag is None:
-            return UNTAGGED
-        try:
-            return self.names.index(tag)
-        except ValueError:
-            if self.kind == "sources":
-                raise DataError(
-                    f"{where}: language tag {tag!r} is not among the sources' languages "
-                    f"({', '.join(self.names) or 'none'}); give a source lang: {tag}, or list it in data.languages"
-                ) from None
-            known = ", ".join(f"{k}={list(v)}" for k, v in sorted(self.allocation.items())) or "none"
-            raise DataError(
-                f"{where}: language tag {tag!r} is not in the model's expert allocation ({known}). "
-                "Tag the data with an allocated language, drop the tag to leave it untagged, or upcycle "
-                f"with --allocate {tag}=EXPERTS"
-            ) from None
-
-
-def _label(src: SourceConfig) -> str:
-    return f"source {src.path}"
-
-
-def source_format(src: SourceConfig) -> str:
-    """The format of a source, checking that its path exists."""
-    path = Path(src.path)
-    has_glob = any(c in src.path for c in "*?[")
-    files = [Path(p) for p in glob.glob(src.path, recursive=True)] if has_glob else [path]
-    if has_glob and not files:
-        raise DataError(f"{_label(src)}: the pattern matches no file")
-    if not has_glob and not path.exists():
-        raise DataError(f"{_label(src)}: no such file or directory")
-    if all(f.is_file() and f.stat().st_size == 0 for f in files):
-        raise DataError(f"{_label(src)}: empty corpus (the file is empty)")
-    if src.format != "auto":
-        return src.format
-    if not has_glob and path.is_dir():
-        return "datasets"
-    name = path.name.lower()
-    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
-        if name.endswith(suffix):
-            return fmt
-    raise DataError(f"{_label(src)}: cannot tell the format from the name; set format: jsonl, txt, parquet or datasets")
-
-
-def _open(src: SourceConfig) -> Any:
-    """A ``datasets`` streaming dataset over the source's records."""
-    import datasets
-
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    fmt = source_format(src)
-    try:
-        if fmt == "datasets":
-            path = Path(src.path)
-            if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-                ds = datasets.load_from_disk(str(path))
-                if isinstance(ds, datasets.DatasetDict):
-                    if src.split not in ds:
-                        raise DataError(f"{_label(src)}: no split {src.split!r} (has {sorted(ds)})")
-                    ds = ds[src.split]
-                return ds.to_iterable_dataset()
-            return datasets.load_dataset(str(path), split=src.split, streaming=True)
-        kwargs: dict[str, Any] = {}
-        if fmt == "txt":
-            kwargs["sample_by"] = src.sample_by
-        return datasets.load_dataset(_BUILDER[fmt], data_files=src.path, split="train", streaming=True, **kwargs)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for unreadable data
-        raise DataError(f"{_label(src)}: cannot read it as {fmt}: {type(e).__name__}: {e}") from None
-
-
 def _records(src: SourceConfig, start: int) -> Iterator[dict[str, Any]]:
-    ds = _open(src)
+    ds = open_source(src)
     if start:
         ds = ds.skip(start)
     it = iter(ds)
@@ -155,7 +52,7 @@ def _records(src: SourceConfig, start: int) -> Iterator[dict[str, Any]]:
         except StopIteration:
             return
         except Exception as e:
-            raise DataError(f"{_label(src)}: reading failed: {type(e).__name__}: {e}") from None
+            raise DataError(f"{source_label(src)}: reading failed: {type(e).__name__}: {e}") from None
         yield rec
 
 
@@ -165,20 +62,21 @@ class _Doc:
     def __init__(self, src: SourceConfig, langs: Languages):
         self.src = src
         self.langs = langs
-        self.default = langs.index(src.lang, f"{_label(src)} (lang)")
+        self.default = langs.index(src.lang, f"{source_label(src)} (lang)")
 
     def __call__(self, rec: Mapping[str, Any], k: int) -> tuple[str, int]:
         src = self.src
         if src.text_field not in rec:
             raise DataError(
-                f"{_label(src)}: record {k} has no field {src.text_field!r} (fields: {sorted(rec)}); set text_field"
+                f"{source_label(src)}: record {k} has no field {src.text_field!r} (fields: {sorted(rec)}); "
+                "set text_field"
             )
         text = rec[src.text_field]
         if text is not None and not isinstance(text, str):
-            raise DataError(f"{_label(src)}: record {k}: {src.text_field!r} is {type(text).__name__}, not text")
+            raise DataError(f"{source_label(src)}: record {k}: {src.text_field!r} is {type(text).__name__}, not text")
         lang = self.default
         if src.lang_field and rec.get(src.lang_field) not in (None, ""):
-            lang = self.langs.index(str(rec[src.lang_field]), f"{_label(src)}, record {k}")
+            lang = self.langs.index(str(rec[src.lang_field]), f"{source_label(src)}, record {k}")
         return text or "", lang
 
 
@@ -225,9 +123,9 @@ def check_sources(cfg: DataConfig, langs: Languages) -> None:
             if n >= _PREFLIGHT_RECORDS and nonempty:
                 break
         if n == 0:
-            raise DataError(f"{_label(src)}: empty corpus (no records)")
+            raise DataError(f"{source_label(src)}: empty corpus (no records)")
         if nonempty == 0:
-            raise DataError(f"{_label(src)}: empty corpus (the first {n} records have no text)")
+            raise DataError(f"{source_label(src)}: empty corpus (the first {n} records have no text)")
 
 
 @dataclass
@@ -364,7 +262,7 @@ class TrainStream:
             if rec is None:  # end of an epoch
                 if cur["docs"] == 0:
                     raise DataError(
-                        f"{_label(src)}: no training documents (the corpus is empty, or every document "
+                        f"{source_label(src)}: no training documents (the corpus is empty, or every document "
                         "is held out; lower data.heldout_fraction)"
                     )
                 cur["epoch"] += 1

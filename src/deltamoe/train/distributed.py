@@ -59,12 +59,14 @@ def check_engine(engine: str) -> None:
         )
     if engine == "fsdp2":
         try:
-            from torch.distributed.fsdp import fully_shard  # noqa: F401
+            from torch.distributed.fsdp import fully_shard
         except ImportError:
+            fully_shard = None
+        if fully_shard is None:
             raise UsageError(
                 f"distributed.engine fsdp2: torch {torch.__version__} has no torch.distributed.fsdp.fully_shard "
                 "(torch >= 2.6 needed); use distributed.engine: ddp"
-            ) from None
+            )
         if not torch.distributed.is_available():
             raise UsageError(f"distributed.engine fsdp2: this torch build ({torch.__version__}) has no torch.distributed")
 

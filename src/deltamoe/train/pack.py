@@ -35,7 +35,8 @@ import torch
 
 from deltamoe.errors import DataError, UsageError
 from deltamoe.train import data as D
-from deltamoe.train.config import DataConfig, SourceConfig
+from deltamoe.train.sections import DataConfig, SourceConfig
+from deltamoe.train.sources import Languages
 
 FORMAT = "deltamoe-pack"
 VERSION = 1
@@ -104,7 +105,7 @@ def _tokenize_chunk(chunk: list[tuple[str, int, bool]]) -> list[tuple[np.ndarray
     return [(np.asarray(_worker_tok(text), dtype=np.uint32), lang, held) for text, lang, held in chunk]
 
 
-def _chunks(src: SourceConfig, langs: D.Languages, cfg: DataConfig, seed: int) -> Iterator[list[tuple[str, int, bool]]]:
+def _chunks(src: SourceConfig, langs: Languages, cfg: DataConfig, seed: int) -> Iterator[list[tuple[str, int, bool]]]:
     """(text, language, held out) of every record, in order, in chunks."""
     doc = D._Doc(src, langs)
     chunk: list[tuple[str, int, bool]] = []
@@ -203,7 +204,7 @@ def _load_tokenizer(path: Path) -> Any:
         raise DataError(f"{path}: no usable tokenizer files ({type(e).__name__}: {e})") from None
 
 
-def _setup(config: str | os.PathLike[str] | dict[str, Any]) -> tuple[Any, Any, D.Languages]:
+def _setup(config: str | os.PathLike[str] | dict[str, Any]) -> tuple[Any, Any, Languages]:
     """The training config, its model's tokenizer and its languages."""
     from deltamoe.checkpoint import open_checkpoint
     from deltamoe.provenance import read_manifest
@@ -218,12 +219,12 @@ def _setup(config: str | os.PathLike[str] | dict[str, Any]) -> tuple[Any, Any, D
     return cfg, _load_tokenizer(ckpt.path), langs
 
 
-def languages(cfg: Any, moe: Mapping[str, Any] | None) -> D.Languages:
+def languages(cfg: Any, moe: Mapping[str, Any] | None) -> Languages:
     """The languages of a stage: the MoE's allocation, or the sources' tags for a dense model."""
     if not moe:
         tags = sorted({s.lang for s in cfg.data.sources if s.lang} | set(cfg.data.languages))
-        return D.Languages({tag: [] for tag in tags}, kind="sources")
-    return D.Languages({k: list(v) for k, v in (moe.get("allocation") or {}).items()})
+        return Languages({tag: [] for tag in tags}, kind="sources")
+    return Languages({k: list(v) for k, v in (moe.get("allocation") or {}).items()})
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ class Pack:
             raise DataError(f"data.pack: source-{i:03d}.{split}.tokens is corrupt (ids >= vocabulary {vocab}); pack again")
         return s
 
-    def check(self, cfg: DataConfig, seed: int, tokenizer: Any, langs: D.Languages) -> None:
+    def check(self, cfg: DataConfig, seed: int, tokenizer: Any, langs: Languages) -> None:
         """The pack must hold this config's documents, tokenised by this model's tokenizer."""
         m = self.manifest
         if m["tokenizer"]["sha256"] != tokenizer_digest(tokenizer):
@@ -338,7 +339,7 @@ class _Span:
 class PackedStream(D.TrainStream):
     """:class:`deltamoe.train.data.TrainStream` over a pack: the same mixing, shuffle and packing."""
 
-    def __init__(self, cfg: DataConfig, pack: Pack, tokenizer: Any, langs: D.Languages, seed: int):
+    def __init__(self, cfg: DataConfig, pack: Pack, tokenizer: Any, langs: Languages, seed: int):
         super().__init__(cfg, tokenizer, langs, seed)
         self.pack = pack
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from deltamoe.errors import UsageError
 from deltamoe.train import model as m
-from deltamoe.train.config import DenseCptTrainable, TrainableConfig
+from deltamoe.train.config import DenseCptTrainable
+from deltamoe.train.sections import TrainableConfig
 
 NEVER_TRAINED = (m.ORIGINAL_EXPERT, m.REPLICATED_FFN, m.DENSE_FFN, m.INERT)
 

@@ -16,16 +16,27 @@ under the mask is expert 0). Like the mask it acts in training forwards only.
 The mask is a forward hook on each router module that recomputes the top-k choice and weights
 from the masked logits, the same way the router computes them (float softmax, top-k, and the
 renormalisation the family uses), so the experts implementation is untouched.
+
+With ``losses.lpr_tokens: original`` the LPR loss sees only the tokens of the original languages
+(:func:`lpr_tokens`). :func:`routing_rules` turns a stage's routing options into the mask and that
+choice, checking them against the model's languages and top-k.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from deltamoe.errors import UsageError
+from deltamoe.train.sources import UNTAGGED
+
+if TYPE_CHECKING:
+    from deltamoe.train.model import Layout
+    from deltamoe.train.sections import RoutingConfig
 
 
 def route_matrix(allocation: Mapping[str, Sequence[int]], langs: Sequence[str], num_experts: int,
@@ -107,3 +118,52 @@ class RouterMask:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def routing_rules(routing: RoutingConfig | None, lpr_mode: str, model: str, moe: Mapping[str, Any] | None,
+                  layout: Layout, allocation: Mapping[str, list[int]], lang_names: list[str], device: Any
+                  ) -> tuple[RouterMask | None, torch.Tensor | None]:
+    """A stage's routing options (``routing``: None for a stage without them; ``lpr_mode``: its
+    ``losses.lpr_tokens``) for the model at ``model``: the router mask of language-allocated
+    routing and of top-k per language (or None) and, for ``lpr_tokens: original``, which language
+    ids the LPR loss keeps (None: all tagged)."""
+    if moe is None:
+        return None, None
+    original = [int(e) for e in moe.get("original_experts", [0])]
+    need_allocation = (routing is not None and routing.allocated) or lpr_mode == "original"
+    if need_allocation and not allocation:
+        raise UsageError(
+            f"{'routing.allocated' if routing is not None and routing.allocated else 'losses.lpr_tokens: original'} "
+            f"needs a language -> expert allocation, and {model} has none; upcycle with --allocate "
+            "(e.g. --allocate en=0 --allocate el=1,2)"
+        )
+    mask = None
+    per_lang = dict(routing.top_k) if routing is not None else {}
+    for lang, k in per_lang.items():
+        if lang not in lang_names:
+            raise UsageError(f"routing.top_k.{lang}: {lang!r} is not one of the model's languages "
+                             f"({', '.join(lang_names) or 'none'}); name a language of its allocation")
+        if k > layout.top_k:
+            raise UsageError(f"routing.top_k.{lang} = {k}: more than the model's top-k ({layout.top_k}); "
+                             f"use 1 to {layout.top_k}")
+    if routing is not None and (routing.allocated or per_lang):
+        if routing.allocated:
+            route = route_matrix(allocation, lang_names, layout.num_experts, original)
+        else:
+            route = torch.ones(len(lang_names), layout.num_experts, dtype=torch.bool)
+        kept = torch.tensor([per_lang.get(name, layout.top_k) for name in lang_names]) if per_lang else None
+        mask = RouterMask([lay.router for lay in layout.routed_layers], route.to(device),
+                          kept.to(device) if kept is not None else None)
+    keep = None
+    if lpr_mode == "original":
+        orig_langs = set(original_languages(allocation, original))
+        keep = torch.tensor([name in orig_langs for name in lang_names], dtype=torch.bool, device=device)
+    return mask, keep
+
+
+def lpr_tokens(tok_lang: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The language ids the LPR loss sees: all, or only those ``keep`` marks (others untagged)."""
+    if keep is None:
+        return tok_lang
+    kept = (tok_lang >= 0) & keep[tok_lang.clamp(min=0)]
+    return torch.where(kept, tok_lang, torch.full_like(tok_lang, UNTAGGED))

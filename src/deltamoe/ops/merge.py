@@ -25,7 +25,6 @@ largest tensor.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,44 +34,32 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    DTYPE_NAMES,
-    Checkpoint,
-    ShardedWriter,
-    TensorSpec,
-    check_output,
-    dtype_code,
-    open_checkpoint,
-)
+from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
 from deltamoe.choices import METHODS, Method, Rescale
-from deltamoe.delta import (
-    ArtifactDelta,
-    DeltaSource,
-    PairDelta,
-    RowMean,
-    WeightedInput,
-    added_rows_steps,
-    check_artifact_bases,
-    check_configs,
+from deltamoe.engine import Out, Read, Step, add32, row_chunks
+from deltamoe.errors import CheckpointError, UsageError
+from deltamoe.ops.common import (
     check_dtype_arg,
     check_new_rows,
-    check_same_delta,
     natural_key,
     out_dtype_code,
-    pair_rows,
-    refuse_new_rows,
+    prepare_output,
     set_config_dtype,
+)
+from deltamoe.ops.deltas import (
+    DeltaTerm,
+    WeightedInput,
+    check_artifact_bases,
+    check_same_delta,
+    pair_terms,
+    weight_of,
     weighted_inputs,
 )
-from deltamoe.engine import Out, Read, Step, add32, f32, row_chunks, run_steps
-from deltamoe.errors import CheckpointError, UsageError
-from deltamoe.output import Finished, write_output
-from deltamoe.preflight import check_shard_size
+from deltamoe.ops.merge_methods import SPARSE, mix
+from deltamoe.ops.sources import ArtifactDelta, PairDelta, added_rows, check_configs, pair_rows, refuse_new_rows
+from deltamoe.ops.steps import RowMean, added_rows_steps, stream_output
+from deltamoe.output import Finished
 from deltamoe.provenance import new_manifest
-
-_SPARSE = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
-_CONSENSUS = ("ties", "dare_ties")
 
 
 def parse_weighted(text: str) -> tuple[str, float | None]:
@@ -86,82 +73,6 @@ def parse_weighted(text: str) -> tuple[str, float | None]:
     return text, None
 
 
-@dataclass(frozen=True)
-class _Vector:
-    src: DeltaSource
-    weight: float
-    label: str
-
-
-def _generator(seed: int, *parts: object) -> torch.Generator:
-    """A generator whose stream depends only on (seed, parts), not on processing order."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-# -- the per-tensor arithmetic (float32 in, float32 out) -----------------------------------
-def magnitude_prune(d: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude, zero the rest."""
-    if density >= 1 or d.numel() == 0:
-        return d
-    k = max(1, int(density * d.numel()))
-    flat = d.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(d.shape)
-
-
-def random_drop(d: torch.Tensor, density: float, rescale: Rescale, gen: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density``; rescale the survivors."""
-    if density >= 1:
-        return d
-    mask = torch.empty_like(d).bernoulli_(density, generator=gen)
-    kept = d * mask
-    if rescale == "inverse":
-        return kept.div_(density)
-    if rescale == "l1":
-        before, after = d.abs().sum(), kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:  # mergekit's guard against empty masks
-            return kept.mul_(before / after)
-    return kept
-
-
-def combine(
-    deltas: list[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """Σ w_i δ_i (with TIES sign election if ``consensus``), optionally / Σ w_i, times λ."""
-    if consensus:
-        weighted = [d * w for d, w in zip(deltas, weights)]
-        total = torch.stack(weighted).sum(0)
-        elected = torch.where(total >= 0, 1.0, -1.0)
-        del total
-        mixed = torch.zeros_like(deltas[0])
-        divisor = torch.zeros_like(deltas[0])
-        for wd, w in zip(weighted, weights):
-            agree = wd.sign() == elected  # a zero entry has sign 0 and never agrees
-            mixed.add_(torch.where(agree, wd, 0.0))
-            divisor.add_(agree.to(mixed.dtype), alpha=w)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas[0] * weights[0]
-        for d, w in zip(deltas[1:], weights[1:]):
-            mixed.add_(d, alpha=w)
-        s = float(sum(weights))
-        divisor = torch.tensor(1.0 if abs(s) < 1e-8 else s)
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed
-
-
-# -- planning -------------------------------------------------------------------------------
 def merge(
     models: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float | None]],
     out: str | os.PathLike[str],
@@ -216,75 +127,40 @@ def merge(
     _check_inputs(method, parsed, p_parsed, d_parsed, base, lambda_)
     if normalize is None:
         normalize = method == "ties"
-    check_shard_size(max_shard_bytes)
-    out_path = check_output(out, force=force)
+    out_path = prepare_output(out, force=force, max_shard_bytes=max_shard_bytes)
 
     b = open_checkpoint(base) if base is not None else None
     ckpts = [open_checkpoint(p) for p, _ in parsed]
     anchor, vectors, extra = _open_vectors(method, b, ckpts, parsed, p_parsed, d_parsed)
-    arts = [v.src for v in extra if isinstance(v.src, ArtifactDelta)]
-
-    # the tokenizer (and config) source and the vocabulary rows it brings
     tok_ckpt, tok_vec = _tokenizer_source(tokenizer_from, ckpts, b, vectors, extra[0] if extra else vectors[-1])
-    for v in vectors:
-        refuse_new_rows(v.src, new_rows)
-        if v is tok_vec:
-            continue
-        for n, r in v.src.rows.items():
-            if v.src.shapes[n] and r < v.src.shapes[n][0]:
-                raise CheckpointError(
-                    f"{v.src.label}: tensor {n!r} has {v.src.shapes[n][0]} rows, more than the base's {r}, but the "
-                    f"tokenizer comes from {tok_ckpt.path}; only the tokenizer source may add vocabulary rows"
-                )
+    _check_added_rows(vectors, tok_vec, tok_ckpt.path, new_rows)
 
-    first = ckpts[0]
     names = sorted(anchor.keys(), key=natural_key)
     out_shapes = {n: (tok_vec.src.shapes[n] if tok_vec else anchor.spec(n).shape) for n in names}
-    specs = [TensorSpec(n, out_dtype_code(first.spec(n).dtype, dtype), out_shapes[n]) for n in names]
-    sparse = _SPARSE.get(method)
+    specs = [TensorSpec(n, out_dtype_code(ckpts[0].spec(n).dtype, dtype), out_shapes[n]) for n in names]
+    sparse = SPARSE.get(method)
     job = _Job(method, anchor, vectors, tok_vec, out_shapes, {n: vectors[0].src.rows[n] for n in names}, sparse,
                density, rescale, seed, bool(normalize), lambda_, new_rows)
 
-    to_hash = [*([b] if b is not None else []), *ckpts, *(v.src.aux for v in extra)]
-    planned = {s.name: s for s in specs}
-
-    def tensors(writer: ShardedWriter) -> None:
-        run_steps(_steps(job, names), writer, planned, buffer_bytes=buffer_bytes, progress=progress,
-                  desc=f"merge {method}")
-
     def finish(hashes: list[dict[str, Any]]) -> Finished:
-        described = iter(hashes)
-        inputs: dict[str, dict[str, Any]] = {}
-        if b is not None:
-            inputs["base"] = next(described)
-        for i in range(len(ckpts)):
-            inputs[f"model_{i}"] = next(described)
-        for v in extra:
-            inputs[v.label] = next(described)
-        for art in arts:
-            if b is not None and art.base_sha256 != inputs["base"]["sha256"]:
-                raise CheckpointError(
-                    f"{art.label}: this delta was extracted against the base {art.recorded_inputs['base']['path']} "
-                    f"(sha256 {art.base_sha256[:16]}...), not against {b.path} (sha256 "
-                    f"{inputs['base']['sha256'][:16]}...); extract it against this base"
-                )
+        inputs = _recorded_inputs(hashes, b, len(ckpts), extra)
         cfg = dict(tok_ckpt.config)
-        set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]) if dtype != "auto" else _float_code(first))
+        set_config_dtype(cfg, dtype_code(DTYPE_NAMES[dtype]) if dtype != "auto" else _float_code(ckpts[0]))
         params = {
-            "method": method,
-            "weights": {v.label: v.weight for v in vectors},
-            "density": density, "lambda": lambda_, "seed": seed, "normalize": normalize,
-            "rescale": rescale if sparse == "random" else None,
+            "method": method, "weights": {v.role: v.weight for v in vectors}, "density": density, "lambda": lambda_,
+            "seed": seed, "normalize": normalize, "rescale": rescale if sparse == "random" else None,
             "new_rows": new_rows, "tokenizer_from": str(tok_ckpt.path), "dtype": dtype,
             "max_shard_bytes": max_shard_bytes,
         }
         return Finished(cfg, new_manifest(None, stage=f"merge:{method}", params=params, inputs=inputs, command=command))
 
-    write_output(out_path, specs, inputs=to_hash, aux=tok_ckpt, tensors=tensors, finish=finish, force=force,
-                 max_shard_bytes=max_shard_bytes)
+    stream_output(out_path, specs, _steps(job, names), inputs=[*([b] if b is not None else []), *ckpts,
+                  *(v.src.aux for v in extra)], aux=tok_ckpt, finish=finish, desc=f"merge {method}", force=force,
+                  max_shard_bytes=max_shard_bytes, buffer_bytes=buffer_bytes, progress=progress)
     return out_path
 
 
+# -- validate -------------------------------------------------------------------------------
 def _check_options(method: str, density: float | None, lambda_: float, rescale: str, dtype: str,
                    new_rows: str) -> None:
     if method not in METHODS:
@@ -293,7 +169,7 @@ def _check_options(method: str, density: float | None, lambda_: float, rescale: 
     check_new_rows(new_rows)
     if rescale not in ("l1", "inverse", "none"):
         raise UsageError(f"--rescale must be l1, inverse or none, got {rescale!r}")
-    if method in _SPARSE:
+    if method in SPARSE:
         if density is None:
             raise UsageError(f"--method {method} needs --density (the fraction of each task vector kept, e.g. 0.5)")
         if not 0 < density <= 1:
@@ -331,11 +207,8 @@ def _check_inputs(method: str, parsed: Weighted, p_parsed: Weighted, d_parsed: W
         raise UsageError("paramdelta needs --base B (or delta artifacts only: --model C --delta D)")
 
 
-def _open_vectors(
-    method: str, b: Checkpoint | None, ckpts: list[Checkpoint], parsed: Weighted, p_parsed: Weighted,
-    d_parsed: Weighted,
-) -> tuple[Checkpoint, list[_Vector], list[_Vector]]:
-    """The anchor, every task vector, and those of them given as --post/--delta (posts first), checked."""
+def _open_artifacts(b: Checkpoint | None, d_parsed: Weighted) -> list[ArtifactDelta]:
+    """The --delta artifacts, checked against B (or, without B, against the first artifact)."""
     arts = [ArtifactDelta(open_checkpoint(p)) for p, _ in d_parsed]
     for art in arts:
         if b is not None:
@@ -344,47 +217,97 @@ def _open_vectors(
         elif art is not arts[0]:
             check_same_delta(arts[0], art)
     check_artifact_bases(arts)
-    extra: list[_Vector] = []
-    for i, (p, w) in enumerate(p_parsed):
-        assert b is not None
-        extra.append(_Vector(PairDelta(b, open_checkpoint(p)), 1.0 if w is None else w, f"post_{i}"))
-    for i, (art, (_, w)) in enumerate(zip(arts, d_parsed)):
-        extra.append(_Vector(art, 1.0 if w is None else w, "delta" if len(arts) == 1 else f"delta_{i}"))
+    return arts
 
-    vectors: list[_Vector] = []
+
+def _open_vectors(
+    method: str, b: Checkpoint | None, ckpts: list[Checkpoint], parsed: Weighted, p_parsed: Weighted,
+    d_parsed: Weighted,
+) -> tuple[Checkpoint, list[DeltaTerm], list[DeltaTerm]]:
+    """The anchor, every task vector, and those of them given as --post/--delta (posts first), checked."""
+    arts = _open_artifacts(b, d_parsed)
+    extra: list[DeltaTerm] = []
+    if p_parsed:
+        assert b is not None
+        extra += pair_terms(b, p_parsed)
+    for i, (art, (_, w)) in enumerate(zip(arts, d_parsed)):
+        extra.append(DeltaTerm(art, weight_of(w), "delta" if len(arts) == 1 else f"delta_{i}"))
+
+    vectors: list[DeltaTerm] = []
     if method == "paramdelta":
         anchor = ckpts[0]
         if len(ckpts) == 2:
             assert b is not None
-            vectors.append(_Vector(PairDelta(b, ckpts[1]), 1.0, "model_1"))
-        if arts:
-            anchor_rows = pair_rows(
-                anchor.path, {n: TensorSpec(n, "F32", arts[0].base_shape(n)) for n in arts[0].shapes},
-                arts[0].base_config, anchor,
-            )
-        else:
-            assert b is not None
-            anchor_rows = PairDelta(b, anchor).rows
-        if any(anchor_rows[n] != (anchor.spec(n).shape[0] if anchor.spec(n).shape else 0) for n in anchor_rows):
-            grown = next(n for n in anchor_rows if anchor.spec(n).shape and anchor_rows[n] != anchor.spec(n).shape[0])
-            raise CheckpointError(
-                f"{anchor.tensors[grown].file}: tensor {grown!r} of the continued-pretrained model has more rows than "
-                "the base; paramdelta cannot merge two different vocabulary extensions"
-            )
+            vectors.append(DeltaTerm(PairDelta(b, ckpts[1]), 1.0, "model_1"))
+        _check_anchor_rows(anchor, b, arts)
     else:
         assert b is not None
         anchor = b
         for i, (c, (_, w)) in enumerate(zip(ckpts, parsed)):
-            vectors.append(_Vector(PairDelta(b, c), 1.0 if w is None else w, f"model_{i}"))
+            vectors.append(DeltaTerm(PairDelta(b, c), weight_of(w), f"model_{i}"))
     return anchor, [*vectors, *extra], extra
 
 
+def _check_anchor_rows(anchor: Checkpoint, b: Checkpoint | None, arts: list[ArtifactDelta]) -> None:
+    """paramdelta's C has the base's tensors and shapes, and no vocabulary rows of its own."""
+    if arts:
+        anchor_rows = pair_rows(
+            anchor.path, {n: TensorSpec(n, "F32", arts[0].base_shape(n)) for n in arts[0].shapes},
+            arts[0].base_config, anchor,
+        )
+    else:
+        assert b is not None
+        anchor_rows = PairDelta(b, anchor).rows
+    if any(anchor_rows[n] != (anchor.spec(n).shape[0] if anchor.spec(n).shape else 0) for n in anchor_rows):
+        grown = next(n for n in anchor_rows if anchor.spec(n).shape and anchor_rows[n] != anchor.spec(n).shape[0])
+        raise CheckpointError(
+            f"{anchor.tensors[grown].file}: tensor {grown!r} of the continued-pretrained model has more rows than "
+            "the base; paramdelta cannot merge two different vocabulary extensions"
+        )
+
+
+def _check_added_rows(vectors: list[DeltaTerm], tok_vec: DeltaTerm | None, tokenizer: Path, new_rows: str) -> None:
+    """Only the tokenizer source may bring vocabulary rows the base lacks (and none with --new-rows error)."""
+    for v in vectors:
+        refuse_new_rows(v.src, new_rows)
+        if v is tok_vec:
+            continue
+        for n, r in added_rows(v.src).items():
+            raise CheckpointError(
+                f"{v.src.label}: tensor {n!r} has {v.src.shapes[n][0]} rows, more than the base's {r}, but the "
+                f"tokenizer comes from {tokenizer}; only the tokenizer source may add vocabulary rows"
+            )
+
+
+def _recorded_inputs(hashes: list[dict[str, Any]], b: Checkpoint | None, n_models: int,
+                     extra: list[DeltaTerm]) -> dict[str, dict[str, Any]]:
+    """The merge's provenance inputs, from the digests (base, models, then --post/--delta); an
+    artifact must have been extracted against this base."""
+    described = iter(hashes)
+    inputs: dict[str, dict[str, Any]] = {}
+    if b is not None:
+        inputs["base"] = next(described)
+    for i in range(n_models):
+        inputs[f"model_{i}"] = next(described)
+    for v in extra:
+        inputs[v.role] = next(described)
+    for art in [v.src for v in extra if isinstance(v.src, ArtifactDelta)]:
+        if b is not None and art.base_sha256 != inputs["base"]["sha256"]:
+            raise CheckpointError(
+                f"{art.label}: this delta was extracted against the base {art.recorded_inputs['base']['path']} "
+                f"(sha256 {art.base_sha256[:16]}...), not against {b.path} (sha256 "
+                f"{inputs['base']['sha256'][:16]}...); extract it against this base"
+            )
+    return inputs
+
+
+# -- plan and write -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
     method: str
     anchor: Checkpoint
-    vectors: list[_Vector]
-    tok_vec: _Vector | None
+    vectors: list[DeltaTerm]
+    tok_vec: DeltaTerm | None
     out_shapes: dict[str, tuple[int, ...]]
     known_rows: dict[str, int]
     sparse: str | None
@@ -424,23 +347,9 @@ def _steps(job: _Job, names: list[str]) -> Iterator[Step]:
 
 def _compute(ts: list[torch.Tensor], *, job: _Job, n: str, a: int | None, fns: list[tuple[int, int, Any]],
              mean: RowMean | None) -> list[Out]:
-    deltas = [fn(ts[i:j]) for i, j, fn in fns]
-    weights = [v.weight for v in job.vectors]
-    if job.sparse == "magnitude":
-        deltas = [magnitude_prune(d, job.density) for d in deltas]  # type: ignore[arg-type]
-    elif job.sparse == "random":
-        deltas = [
-            random_drop(d, job.density, job.rescale, _generator(job.seed, n, v.label))  # type: ignore[arg-type]
-            for d, v in zip(deltas, job.vectors)
-        ]
-    if job.method == "paramdelta" and len(deltas) == 1 and weights[0] == 1:
-        mixed = deltas[0]
-    elif job.method == "paramdelta":  # C + Σ wᵢ δᵢ, in float32 in the order given
-        mixed = combine([f32(d) for d in deltas], weights, consensus=False, normalize=False, lambda_=1.0)
-    else:
-        mixed = combine(deltas, weights, consensus=job.method in _CONSENSUS, normalize=job.normalize,
-                        lambda_=job.lambda_)
-    del deltas
+    mixed = mix([fn(ts[i:j]) for i, j, fn in fns], [v.weight for v in job.vectors], [v.role for v in job.vectors],
+                method=job.method, tensor=n, density=job.density, rescale=job.rescale, seed=job.seed,
+                normalize=job.normalize, lambda_=job.lambda_)
     o = add32(ts[0], mixed, scratch=True)  # the output piece: consumed at once
     if mean is not None:
         mean.add(o)
@@ -466,9 +375,9 @@ def _tokenizer_source(
     tokenizer_from: str | os.PathLike[str] | None,
     ckpts: list[Checkpoint],
     base: Checkpoint | None,
-    vectors: list[_Vector],
-    default: _Vector,
-) -> tuple[Checkpoint, _Vector | None]:
+    vectors: list[DeltaTerm],
+    default: DeltaTerm,
+) -> tuple[Checkpoint, DeltaTerm | None]:
     """The input whose tokenizer, chat template and config the output gets, and its task vector.
 
     Only that input may bring vocabulary rows the base lacks; an input without a task vector

@@ -6,7 +6,7 @@ with its two output projections (attention ``o_proj`` and MLP ``down_proj``, wei
 set to zero: the block then adds exactly 0 to the residual stream, so the expanded model
 computes what the original computes. Dense CPT can then train only the new blocks
 (``trainable.layers: new``) and the post-training delta can be grafted onto the original ones
-(:func:`deltamoe.expand_graft.graft_expanded`).
+(:func:`deltamoe.ops.expand_graft.graft_expanded`).
 
 Placement: the k-th new block (k = 0..N−1) follows original layer ⌈(k+1)·L/N⌉ − 1. For N ≤ L
 the originals fall into N consecutive groups whose sizes differ by at most one, with one new
@@ -22,30 +22,21 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from deltamoe import arch
 from deltamoe._memory import return_large_frees_to_os
-from deltamoe.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    Checkpoint,
-    ShardedWriter,
-    TensorSpec,
-    check_output,
-    open_checkpoint,
-    torch_dtype,
-)
-from deltamoe.engine import check_finite_tensors
+from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, TensorSpec, open_checkpoint, torch_dtype
+from deltamoe.engine import byte_bar, check_finite_tensors
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
+from deltamoe.ops.common import natural_key, prepare_output
+from deltamoe.ops.upcycle import validate_dense
 from deltamoe.output import Finished, write_output
-from deltamoe.preflight import check_shard_size
 from deltamoe.provenance import new_manifest, read_manifest
 
 EXPAND_STAGE = "expand"
@@ -155,8 +146,6 @@ def _moe_model_types() -> set[str]:
 
 def check_dense_input(ckpt: Checkpoint) -> arch.ArchSpec:
     """A dense checkpoint of a supported family, not an MoE and not expanded already."""
-    from deltamoe.upcycle import _validate_dense
-
     source = str(ckpt.path / "config.json")
     manifest = read_manifest(ckpt.path) or {}
     mt = ckpt.config.get("model_type")
@@ -178,7 +167,7 @@ def check_dense_input(ckpt: Checkpoint) -> arch.ArchSpec:
         if ckpt.config.get(key):
             raise ArchitectureError(f"{source}: field {key!r} is set; deltamoe cannot expand it ({why})")
     spec = arch.arch_for(ckpt.config, source=source)
-    _validate_dense(ckpt)
+    validate_dense(ckpt)
     return spec
 
 
@@ -195,8 +184,6 @@ def _plan(ckpt: Checkpoint, prefix: str, sources: list[int]) -> list[TensorSpec]
             continue
         i, rest = parsed
         specs += [TensorSpec(f"{prefix}{j}.{rest}", s.dtype, s.shape) for j in by_source[i]]
-    from deltamoe.delta import natural_key
-
     return sorted(specs, key=lambda s: natural_key(s.name))
 
 
@@ -257,8 +244,7 @@ def expand_blocks(
     """
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise UsageError(f"--blocks must be a positive integer, got {blocks!r}")
-    check_shard_size(max_shard_bytes)
-    out_path = check_output(out, force=force)
+    out_path = prepare_output(out, force=force, max_shard_bytes=max_shard_bytes)
     return_large_frees_to_os()
     ckpt = open_checkpoint(dense)
     source = str(ckpt.path / "config.json")
@@ -285,12 +271,8 @@ def expand_blocks(
     check_finite_tensors(ckpt)
 
     def tensors(writer: ShardedWriter) -> None:
-        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="expand",
-                   disable=not progress, file=sys.stderr)
-        try:
+        with byte_bar(sum(s.nbytes for s in specs), "expand", progress) as bar:
             _write_tensors(ckpt, writer, prefix, sources, set(new_layers), zeroed, bar)
-        finally:
-            bar.close()
 
     def finish(hashes: list[dict[str, Any]]) -> Finished:
         manifest = new_manifest(None, stage=EXPAND_STAGE, params=params, inputs={"dense": hashes[0]}, command=command)

@@ -11,17 +11,15 @@ many experts it is copied into.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from deltamoe import arch
 from deltamoe._memory import return_large_frees_to_os
@@ -32,18 +30,18 @@ from deltamoe.checkpoint import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,
-    check_output,
     dtype_code,
     open_checkpoint,
     torch_dtype,
 )
 from deltamoe.choices import RouterInit
-from deltamoe.engine import check_finite_tensors
+from deltamoe.engine import byte_bar, check_finite_tensors, is_float
 from deltamoe.errors import CheckpointError, UsageError
+from deltamoe.ops.common import check_dtype_arg, config_dtype_name, natural_key, prepare_output, seeded_generator
 from deltamoe.output import Finished, write_output
-from deltamoe.preflight import check_shard_size
 from deltamoe.provenance import new_manifest
 
+UPCYCLE_STAGE = "upcycle"
 _NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)
 _LANG = re.compile(r"^[A-Za-z][\w-]*$")
 
@@ -106,12 +104,6 @@ def _check_allocation(allocation: Mapping[str, Sequence[int]], num_experts: int)
     return out
 
 
-def _generator(seed: int, *parts: object) -> torch.Generator:
-    """A generator whose stream depends only on (seed, parts): order-independent determinism."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 @dataclass(frozen=True)
 class _Plan:
     specs: list[TensorSpec]
@@ -121,15 +113,8 @@ class _Plan:
     generated: dict[int, list[TensorSpec]]
 
 
-def _is_float(code: str) -> bool:
-    return code in ("F64", "F32", "F16", "BF16")
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _validate_dense(ckpt: Checkpoint) -> None:
+def validate_dense(ckpt: Checkpoint) -> None:
+    """The tensors of a dense checkpoint are exactly those its config implies, with their shapes."""
     shapes, optional = arch.expected_dense_tensors(ckpt.config, source=str(ckpt.path / "config.json"))
     present = set(ckpt.tensors)
     missing = sorted(set(shapes) - present - optional)
@@ -168,7 +153,7 @@ def _build_plan(
 
     def code(src: str) -> str:
         d = ckpt.spec(src).dtype
-        return dtype_code(out_dtype) if out_dtype is not None and _is_float(d) else d
+        return dtype_code(out_dtype) if out_dtype is not None and is_float(d) else d
 
     float_code = dtype_code(out_dtype) if out_dtype is not None else ckpt.spec(spec.dense_name("gate", 0)).dtype
     generated: dict[int, list[TensorSpec]] = {}
@@ -180,7 +165,7 @@ def _build_plan(
         generated[layer] = gen
 
     specs: list[TensorSpec] = []
-    for name in sorted(ckpt.keys(), key=_natural_key):
+    for name in sorted(ckpt.keys(), key=natural_key):
         src = ckpt.spec(name)
         if name in ffn:
             role, layer = ffn[name]
@@ -205,15 +190,15 @@ def _perturb(
     if reinit_ratio > 0:
         n_inter = x.shape[1] if role == "down" else x.shape[0]
         k = round(reinit_ratio * n_inter)
-        idx = torch.randperm(n_inter, generator=_generator(seed, "drop", layer, expert))[:k]
-        g = _generator(seed, "reinit", layer, expert, role)
+        idx = torch.randperm(n_inter, generator=seeded_generator(seed, "drop", layer, expert))[:k]
+        g = seeded_generator(seed, "reinit", layer, expert, role)
         mean = x.mean().item()
         if role == "down":
             x[:, idx] = torch.randn((x.shape[0], k), generator=g) * std + mean
         else:
             x[idx, :] = torch.randn((k, x.shape[1]), generator=g) * std + mean
     if noise > 0:
-        g = _generator(seed, "noise", layer, expert, role)
+        g = seeded_generator(seed, "noise", layer, expert, role)
         # in place and in row blocks, so that no third full-size matrix is ever allocated
         rows = max(1, _NOISE_BLOCK // max(1, x[0].numel()))
         for block in x.split(rows):
@@ -260,6 +245,53 @@ def upcycle(
         force: replace an existing ``out``.
         max_shard_bytes: shard size budget (default 5 GB).
     """
+    _check_options(num_experts, top_k, router_init, noise, reinit_ratio, dtype)
+    alloc = _check_allocation(allocation or {}, num_experts)
+    out_path = prepare_output(out, force=force, max_shard_bytes=max_shard_bytes)
+    return_large_frees_to_os()
+
+    ckpt = open_checkpoint(dense)
+    source = str(ckpt.path / "config.json")
+    spec = arch.arch_for(ckpt.config, source=source)
+    validate_dense(ckpt)
+    n_layers = arch.num_layers(ckpt.config, source=source)
+    moe_layers = parse_layers(layers, n_layers)
+    # Without per-layer dense FFNs in the target architecture, the remaining layers are replicated.
+    replicated = [] if spec.config.dense_layers_field else [i for i in range(n_layers) if i not in moe_layers]
+    out_dtype = DTYPE_NAMES[dtype] if dtype != "auto" else None
+    dtype_name = dtype if dtype != "auto" else config_dtype_name(ckpt.spec(spec.dense_name("gate", 0)).dtype)
+    moe_cfg = arch.moe_config(
+        spec, ckpt.config, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+        dtype_name=dtype_name, source=source,
+    )
+    plan = _build_plan(ckpt, spec, moe_cfg, sorted(moe_layers + replicated), num_experts, out_dtype)
+    std = router_std if router_std is not None else float(ckpt.config.get("initializer_range", 0.02))
+    init = _Init(router_init, std, noise, reinit_ratio, seed)
+    params = {
+        "num_experts": num_experts, "top_k": top_k, "layers": moe_layers, "router_init": router_init,
+        "router_std": std, "noise": noise, "reinit_ratio": reinit_ratio, "seed": seed, "dtype": dtype,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    moe_info = _moe_info(spec, ckpt.config.get("model_type", spec.family), num_experts, top_k, moe_layers,
+                         replicated, alloc)
+    check_finite_tensors(ckpt)  # refused, not copied: NaN/Inf would spread into every expert
+
+    def tensors(writer: ShardedWriter) -> None:
+        with byte_bar(sum(s.nbytes for s in plan.specs), "upcycle", progress) as bar:
+            _write_tensors(ckpt, writer, spec, plan, num_experts, moe_layers, out_dtype, init, bar)
+
+    def finish(hashes: list[dict[str, Any]]) -> Finished:
+        manifest = new_manifest(None, stage=UPCYCLE_STAGE, params=params, inputs={"dense": hashes[0]},
+                                command=command, moe=moe_info)
+        return Finished(moe_cfg, manifest)
+
+    write_output(out_path, plan.specs, inputs=[ckpt], aux=ckpt, tensors=tensors, finish=finish, force=force,
+                 max_shard_bytes=max_shard_bytes)
+    return out_path
+
+
+def _check_options(num_experts: int, top_k: int, router_init: str, noise: float, reinit_ratio: float,
+                   dtype: str) -> None:
     if num_experts < 2:
         raise UsageError(f"--experts must be at least 2, got {num_experts}")
     if not 1 <= top_k <= num_experts:
@@ -270,40 +302,14 @@ def upcycle(
         raise UsageError(f"--noise must be >= 0, got {noise}")
     if not 0 <= reinit_ratio <= 1:
         raise UsageError(f"--reinit-ratio must be in [0, 1], got {reinit_ratio}")
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise UsageError(f"--dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
-    alloc = _check_allocation(allocation or {}, num_experts)
-    check_shard_size(max_shard_bytes)
-    out_path = check_output(out, force=force)
-    return_large_frees_to_os()
+    check_dtype_arg(dtype)
 
-    ckpt = open_checkpoint(dense)
-    source = str(ckpt.path / "config.json")
-    spec = arch.arch_for(ckpt.config, source=source)
-    _validate_dense(ckpt)
-    n_layers = arch.num_layers(ckpt.config, source=source)
-    moe_layers = parse_layers(layers, n_layers)
-    # Without per-layer dense FFNs in the target architecture, the remaining layers are replicated.
-    replicated = [] if spec.config.dense_layers_field else [i for i in range(n_layers) if i not in moe_layers]
-    expand = sorted(moe_layers + replicated)
-    out_dtype = DTYPE_NAMES[dtype] if dtype != "auto" else None
-    stored = ckpt.spec(spec.dense_name("gate", 0)).dtype
-    dtype_name = dtype if dtype != "auto" else {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored)
-    moe_cfg = arch.moe_config(
-        spec, ckpt.config, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-        dtype_name=dtype_name, source=source,
-    )
-    plan = _build_plan(ckpt, spec, moe_cfg, expand, num_experts, out_dtype)
-    std = router_std if router_std is not None else float(ckpt.config.get("initializer_range", 0.02))
-    perturb = noise > 0 or reinit_ratio > 0
 
-    params = {
-        "num_experts": num_experts, "top_k": top_k, "layers": moe_layers, "router_init": router_init,
-        "router_std": std, "noise": noise, "reinit_ratio": reinit_ratio, "seed": seed, "dtype": dtype,
-        "max_shard_bytes": max_shard_bytes,
-    }
-    moe_info = {
-        "family": ckpt.config.get("model_type", spec.family),  # the dense family: mistral, not llama
+def _moe_info(spec: ArchSpec, family: str, num_experts: int, top_k: int, moe_layers: list[int],
+              replicated: list[int], alloc: dict[str, list[int]]) -> dict[str, Any]:
+    """deltamoe.json's ``moe`` block: which tensors are experts and routers, for graft and training."""
+    return {
+        "family": family,  # the dense family: mistral, not llama
         "architecture": spec.moe_architecture,
         "num_experts": num_experts,
         "top_k": top_k,
@@ -319,51 +325,61 @@ def upcycle(
             "inert": [i.name for i in spec.inert],
         },
     }
-    check_finite_tensors(ckpt)  # refused, not copied: NaN/Inf would spread into every expert
-    total = sum(s.nbytes for s in plan.specs)
 
-    def tensors(writer: ShardedWriter) -> None:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="upcycle", disable=not progress, file=sys.stderr)
-        try:
-            for name in sorted(ckpt.keys(), key=_natural_key):
-                info = ckpt.tensors[name]
-                role, layer = plan.ffn.get(name, (None, -1))
-                targets = [name] if role is None else [spec.expert_name(role, layer, e) for e in range(num_experts)]
-                perturbed = role is not None and layer in moe_layers and perturb
-                t = None
-                for e, target in enumerate(targets):
-                    if writer.spec(target).dtype == info.spec.dtype and not (perturbed and e > 0):
-                        writer.copy_from(target, info)  # unchanged bytes: copied in the kernel
-                    else:
-                        if t is None:
-                            t = ckpt.read(name)
-                            if out_dtype is not None and t.is_floating_point():
-                                t = t.to(out_dtype)
-                        w = t
-                        if perturbed and e > 0:
-                            w = _perturb(t, role, layer, e, noise=noise, reinit_ratio=reinit_ratio, seed=seed)
-                        writer.write(target, w)
-                    bar.update(writer.spec(target).nbytes)
-                if role == "down":
-                    for g in plan.generated[layer]:
-                        writer.write(g.name, _generated(g, spec, layer, router_init if layer in moe_layers else "zero", std, seed))
-                        bar.update(g.nbytes)
-                del t
-        finally:
-            bar.close()
 
-    def finish(hashes: list[dict[str, Any]]) -> Finished:
-        manifest = new_manifest(None, stage="upcycle", params=params, inputs={"dense": hashes[0]},
-                                command=command, moe=moe_info)
-        return Finished(moe_cfg, manifest)
+# -- write ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Init:
+    """How new experts and routers start: perturbations of the copies, the router's init (seeded)."""
 
-    write_output(out_path, plan.specs, inputs=[ckpt], aux=ckpt, tensors=tensors, finish=finish, force=force,
-                 max_shard_bytes=max_shard_bytes)
-    return out_path
+    router_init: str
+    router_std: float
+    noise: float
+    reinit_ratio: float
+    seed: int
+
+
+def _write_tensors(ckpt: Checkpoint, writer: ShardedWriter, spec: ArchSpec, plan: _Plan, num_experts: int,
+                   moe_layers: list[int], out_dtype: torch.dtype | None, init: _Init, bar: Any) -> None:
+    """Every dense tensor once, to its own output or to every expert of its layer; each layer's
+    router and inert tensors after its FFN."""
+    perturb = init.noise > 0 or init.reinit_ratio > 0
+    for name in sorted(ckpt.keys(), key=natural_key):
+        role, layer = plan.ffn.get(name, (None, -1))
+        targets = [name] if role is None else [spec.expert_name(role, layer, e) for e in range(num_experts)]
+        new_expert = None
+        if role is not None and layer in moe_layers and perturb:
+            new_expert = partial(_perturb, role=role, layer=layer, noise=init.noise, reinit_ratio=init.reinit_ratio,
+                                 seed=init.seed)
+        _write_copies(ckpt, writer, name, targets, out_dtype, bar, new_expert)
+        if role == "down":
+            router_init = init.router_init if layer in moe_layers else "zero"
+            for g in plan.generated[layer]:
+                writer.write(g.name, _generated(g, spec, layer, router_init, init.router_std, init.seed))
+                bar.update(g.nbytes)
+
+
+def _write_copies(ckpt: Checkpoint, writer: ShardedWriter, name: str, targets: list[str],
+                  out_dtype: torch.dtype | None, bar: Any, new_expert: Callable[..., torch.Tensor] | None) -> None:
+    """Tensor ``name`` to each of ``targets``, read at most once; with ``new_expert``, every target
+    but the first (expert 0) is ``new_expert(t, expert=e)``, a perturbed copy."""
+    info = ckpt.tensors[name]
+    t = None
+    for e, target in enumerate(targets):
+        perturbed = new_expert is not None and e > 0
+        if writer.spec(target).dtype == info.spec.dtype and not perturbed:
+            writer.copy_from(target, info)  # unchanged bytes: copied in the kernel
+        else:
+            if t is None:
+                t = ckpt.read(name)
+                if out_dtype is not None and t.is_floating_point():
+                    t = t.to(out_dtype)
+            writer.write(target, new_expert(t, expert=e) if perturbed else t)
+        bar.update(writer.spec(target).nbytes)
 
 
 def _generated(g: TensorSpec, spec: ArchSpec, layer: int, router_init: str, std: float, seed: int) -> torch.Tensor:
     dt = torch_dtype(g.dtype)
     if g.name == spec.router_name(layer) and router_init == "random":
-        return (torch.randn(g.shape, generator=_generator(seed, "router", layer)) * std).to(dt)
+        return (torch.randn(g.shape, generator=seeded_generator(seed, "router", layer)) * std).to(dt)
     return torch.zeros(g.shape, dtype=dt)  # zero router = uniform routing; inert tensors add exactly 0

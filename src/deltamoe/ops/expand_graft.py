@@ -2,49 +2,45 @@
 
 Every output layer that came from original layer i gets Δ's layer-i tensors; the new blocks are
 copied as they are; every tensor outside the decoder layers (embeddings, final norm, LM head)
-gets its Δ once, with the same vocabulary rules as :func:`deltamoe.delta.graft`. Δ comes from
-delta.py's sources (a B, P pair or a delta artifact) and runs through the same streaming engine.
+gets its Δ once, with the same vocabulary rules as :func:`deltamoe.ops.graft.graft`. Δ comes from
+the same sources (:mod:`deltamoe.ops.sources`: a B, P pair or a delta artifact) and runs through
+the same streaming steps (:mod:`deltamoe.ops.steps`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from deltamoe import arch
-from deltamoe.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    Checkpoint,
-    ShardedWriter,
-    TensorSpec,
-    check_output,
-    open_checkpoint,
+from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, open_checkpoint
+from deltamoe.engine import Step
+from deltamoe.errors import ArchitectureError, CheckpointError
+from deltamoe.ops.common import (
+    check_dtype_arg,
+    check_float,
+    check_new_rows,
+    config_changes,
+    dense_input,
+    natural_key,
+    out_dtype_code,
+    output_config,
+    prepare_output,
 )
-from deltamoe.delta import (
-    _DTYPE_KEYS,
-    _STRUCTURAL,
+from deltamoe.ops.deltas import open_deltas
+from deltamoe.ops.expand import EXPAND_STAGE, expanded_config, split_layer_name
+from deltamoe.ops.sources import (
+    STRUCTURAL,
     ArtifactDelta,
     DeltaSource,
     PairDelta,
-    _shared_steps,  # M + Δ for a tensor that M and Δ name alike (vocabulary rules included)
-    check_dtype_arg,
-    check_new_rows,
-    natural_key,
-    open_deltas,
-    out_dtype_code,
-    output_config,
+    added_rows,
+    check_counterparts,
     refuse_new_rows,
 )
-from deltamoe.engine import Out, Read, Step, add32, is_float, row_chunks, run_steps
-from deltamoe.errors import ArchitectureError, CheckpointError
-from deltamoe.expand import EXPAND_STAGE, expanded_config, split_layer_name
-from deltamoe.output import Finished, write_output
-from deltamoe.preflight import check_shard_size
+from deltamoe.ops.steps import copy_steps, graft_steps, stream_output
+from deltamoe.output import Finished
 from deltamoe.provenance import new_manifest, read_manifest
 
 _EXPAND_KEYS = ("family", "original_layers", "num_layers", "sources", "new_layers", "layer_prefix")
@@ -68,15 +64,6 @@ def expand_block(m: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return manifest, block
 
 
-def _expand_input(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    for stage in manifest.get("stages", []):
-        if stage.get("stage") == EXPAND_STAGE:
-            dense = (stage.get("inputs") or {}).get("dense")
-            if isinstance(dense, dict) and "sha256" in dense:
-                return dense
-    return None
-
-
 def _check_family(m: Checkpoint, block: dict[str, Any], src: DeltaSource) -> None:
     base_src = f"{src.label} (base config)"
     bc = src.base_config
@@ -90,7 +77,7 @@ def _check_family(m: Checkpoint, block: dict[str, Any], src: DeltaSource) -> Non
             f"{base_src}: num_hidden_layers = {bc.get('num_hidden_layers')}, but {m.path} was expanded from a "
             f"model with {block['original_layers']} layers"
         )
-    for key in _STRUCTURAL:
+    for key in STRUCTURAL:
         if key != "num_hidden_layers" and bc.get(key) != m.config.get(key):
             raise ArchitectureError(
                 f"{m.path / 'config.json'}: {key} = {m.config.get(key)!r}, but the base has {bc.get(key)!r}; "
@@ -126,50 +113,30 @@ def _plan(m: Checkpoint, block: dict[str, Any], src: DeltaSource, dtype: str) ->
                 f"tensor {name!r} has shape {list(ms.shape)} in {m.tensors[name].file} but {d_name!r} has "
                 f"{list(src.shapes[d_name])} in the base/post models ({src.label}); the model was not expanded from this base"
             )
-        if not is_float(ms.dtype):
-            raise CheckpointError(f"{m.tensors[name].file}: tensor {name!r} is {ms.dtype}, not floating point")
+        check_float(m, name)
         consumed.add(d_name)
         kinds[name] = ("layer", d_name) if parsed is not None else ("shared",)
         specs.append(TensorSpec(name, out_dtype_code(ms.dtype, dtype), src.shapes[d_name]))
-    left = sorted(set(src.shapes) - consumed)
-    if left:
-        _, optional = arch.expected_dense_tensors(src.base_config, source=f"{src.label} (base config)")
-        bad = sorted(set(left) - optional)
-        if bad:
-            raise CheckpointError(
-                f"{m.path}: has no counterpart for tensor(s) {bad[:5]} of the base/post models ({src.label}); "
-                "the model was not expanded from this base"
-            )
+    check_counterparts(src, consumed, m.path, "the model was not expanded from this base")
     return specs, kinds
-
-
-def _copy_chunk(ts: list[torch.Tensor], *, name: str, a: int | None) -> list[Out]:
-    return [(name, a, ts[0])]
-
-
-def _layer_chunk(ts: list[torch.Tensor], *, name: str, a: int | None, fn: Any) -> list[Out]:
-    return [(name, a, add32(ts[-1], fn(ts[:-1]), 1.0, scratch=True))]
 
 
 def _steps(m: Checkpoint, src: DeltaSource, specs: list[TensorSpec], kinds: dict[str, Any], new_rows: str) -> Iterator[Step]:
     for s in specs:
         kind = kinds[s.name]
         if kind[0] == "copy":
-            for a, b in row_chunks(m.spec(s.name).shape):
-                yield Step([Read(m, s.name, a, b)], partial(_copy_chunk, name=s.name, a=a))
-        elif kind[0] == "layer":
-            for a, b in row_chunks(src.shapes[kind[1]]):
-                reads, fn = src.delta(kind[1], a, b)
-                yield Step([*reads, Read(m, s.name, a, b)], partial(_layer_chunk, name=s.name, a=a, fn=fn))
+            yield from copy_steps(m, s.name)
+        elif kind[0] == "layer":  # Δ's tensor of the source layer, onto this output layer's
+            yield from graft_steps(m, src, kind[1], new_rows, s.name)
         else:
-            yield from _shared_steps(m, src, s.name, new_rows)
+            yield from graft_steps(m, src, s.name, new_rows)
 
 
 def _config_changes(src: DeltaSource, sources: list[int]) -> dict[str, Any]:
     """Config fields P sets differently from B (token ids, ...), as they read in the expanded config."""
     cb = expanded_config(src.base_config, sources, source=f"{src.label} (base config)")
     cp = expanded_config(src.post_config, sources, source=f"{src.label} (post config)")
-    return {k: cp.get(k) for k in sorted(set(cb) | set(cp)) if k not in _DTYPE_KEYS and cb.get(k) != cp.get(k)}
+    return config_changes(cb, cp)
 
 
 def _inputs(src: DeltaSource, described: list[dict[str, Any]], m: Checkpoint, expanded_from: dict[str, Any] | None,
@@ -210,13 +177,12 @@ def graft_expanded(
 
     Output layers that came from original layer i get Δ's layer-i tensors, the new blocks are
     copied unchanged, and embeddings, final norm and LM head get their Δ once. ``new_rows``,
-    ``dtype`` and ``check_base`` mean what they mean for :func:`deltamoe.delta.graft`; the base
+    ``dtype`` and ``check_base`` mean what they mean for :func:`deltamoe.ops.graft.graft`; the base
     is checked against the dense model ``model`` was expanded from.
     """
     check_dtype_arg(dtype)
     check_new_rows(new_rows)
-    check_shard_size(max_shard_bytes)
-    out_path = check_output(out, force=force)
+    out_path = prepare_output(out, force=force, max_shard_bytes=max_shard_bytes)
     m = open_checkpoint(model)
     found = expand_block(m)
     if found is None:
@@ -225,7 +191,7 @@ def graft_expanded(
     deltas = open_deltas(base, post, delta)
     src, to_hash = deltas.source(), deltas.checkpoints()
     _check_family(m, block, src)
-    expanded_from = _expand_input(m_manifest)
+    expanded_from = dense_input(m_manifest, EXPAND_STAGE)
     if check_base and expanded_from and isinstance(src, ArtifactDelta) and expanded_from["sha256"] != src.base_sha256:
         raise CheckpointError(
             f"{src.label}: this delta was extracted against the base {src.recorded_inputs['base']['path']}, but "
@@ -235,20 +201,17 @@ def graft_expanded(
     specs, kinds = _plan(m, block, src, dtype)
     changes = _config_changes(src, block["sources"])
 
-    def tensors(writer: ShardedWriter) -> None:
-        run_steps(_steps(m, src, specs, kinds, new_rows), writer, {s.name: s for s in specs},
-                  buffer_bytes=buffer_bytes, progress=progress, desc="graft")
-
     def finish(hashes: list[dict[str, Any]]) -> Finished:
         inputs = _inputs(src, hashes, m, expanded_from, check_base)
         params = {
             "target": "expanded", "new_layers_get": "nothing (copied)", "new_rows": new_rows, "dtype": dtype,
             "check_base": check_base, "config_from_post": changes, "max_shard_bytes": max_shard_bytes,
-            "added_rows": {n: [r, src.shapes[n][0]] for n, r in src.rows.items() if src.shapes[n] and r < src.shapes[n][0]},
+            "added_rows": {n: [r, src.shapes[n][0]] for n, r in added_rows(src).items()},
         }
         manifest = new_manifest(m_manifest, stage="graft", params=params, inputs=inputs, command=command)
         return Finished(output_config(m.config, changes, dtype), manifest)
 
-    write_output(out_path, specs, inputs=[m, *to_hash], aux=src.aux, tensors=tensors, finish=finish, force=force,
-                 max_shard_bytes=max_shard_bytes)
+    stream_output(out_path, specs, _steps(m, src, specs, kinds, new_rows), inputs=[m, *to_hash], aux=src.aux,
+                  finish=finish, desc="graft", force=force, max_shard_bytes=max_shard_bytes, buffer_bytes=buffer_bytes,
+                  progress=progress)
     return out_path
