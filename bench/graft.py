@@ -37,7 +37,7 @@ NO_CACHE = "(no hash cache)"
 
 def same_model(a: Path, b: Path) -> dict[str, float]:
     """Compare two checkpoints tensor by tensor: fraction of identical elements, max |difference|."""
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     if set(ca.keys()) != set(cb.keys()):
@@ -54,7 +54,7 @@ def same_model(a: Path, b: Path) -> dict[str, float]:
 
 
 def _largest(*paths: Path) -> int:
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
 
     return max(open_checkpoint(p).largest_tensor_bytes for p in paths)
 

@@ -86,8 +86,8 @@ def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocas
 
     import torch
 
-    from deltamoe.checkpoint import open_checkpoint
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io import open_checkpoint
+    from deltamoe.io.provenance import read_manifest
     from deltamoe.train import losses as L
 
     ctx = (lambda: torch.autocast(autocast, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
@@ -160,7 +160,7 @@ def make_step(variant: str, model, model_dir: Path, *, lr: float = 1e-4, autocas
 def worker(variant: str, model_dir: Path, mb: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
 
     vocab = open_checkpoint(model_dir).config["vocab_size"]
     gen = torch.Generator().manual_seed(0)

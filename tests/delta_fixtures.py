@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from deltamoe.checkpoint import open_checkpoint
-from deltamoe.provenance import new_manifest, read_manifest, write_manifest
+from deltamoe.io import open_checkpoint
+from deltamoe.io.provenance import new_manifest, read_manifest, write_manifest
 
 TOKENIZER_FILES = {
     "tokenizer_config.json": json.dumps({"model_max_length": 128, "eos_token": "<|end|>", "marker": "post"}),

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltamoe.checkpoint import (
+from deltamoe.io import (
     Checkpoint,
     ShardedWriter,
     TensorSpec,

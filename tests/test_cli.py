@@ -116,7 +116,7 @@ def test_force_replaces_and_failure_midway_leaves_nothing(dense_model, tmp_path:
     out = tmp_path / "moe"
     out.mkdir()
     (out / "old").write_text("x")
-    import deltamoe.checkpoint as ck
+    import deltamoe.io as ck
 
     calls = {"n": 0}
     real = ck.ShardedWriter.write

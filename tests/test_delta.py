@@ -13,12 +13,12 @@ import torch
 from delta_fixtures import TOKENIZER_FILES, load_all, perturbed, save, simulate_cpt
 from typer.testing import CliRunner
 
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.cli import app
 from deltamoe.ops.extract import extract_delta
 from deltamoe.ops.graft import graft
 from deltamoe.errors import DeltaMoEError
-from deltamoe.provenance import describe_checkpoint, read_manifest
+from deltamoe.io.provenance import describe_checkpoint, read_manifest
 from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()
@@ -249,7 +249,7 @@ def test_chunked_streaming_equals_whole_tensors(dense_model, tmp_path: Path, mon
 def test_sha256_cache_never_serves_a_stale_digest(tmp_path: Path, monkeypatch) -> None:
     import hashlib
 
-    from deltamoe.provenance import sha256_file
+    from deltamoe.io.provenance import sha256_file
 
     monkeypatch.setenv("DELTAMOE_CACHE_DIR", str(tmp_path / "cache"))
     f = tmp_path / "shard.safetensors"

@@ -14,10 +14,10 @@ import torch
 from delta_fixtures import load_all, perturbed, save
 from typer.testing import CliRunner
 
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.cli import app
 from deltamoe.ops.expand import blocks_matching, expand_blocks, layer_sources, placement
-from deltamoe.provenance import read_manifest
+from deltamoe.io.provenance import read_manifest
 
 runner = CliRunner()
 

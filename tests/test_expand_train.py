@@ -9,10 +9,10 @@ import torch
 from train_world import base_config, get_world
 
 import deltamoe
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.errors import UsageError
 from deltamoe.ops.expand import expand_blocks
-from deltamoe.provenance import read_manifest
+from deltamoe.io.provenance import read_manifest
 from deltamoe.train.config import load_config
 
 

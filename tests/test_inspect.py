@@ -18,12 +18,12 @@ import torch
 from delta_fixtures import load_all, save
 from typer.testing import CliRunner
 
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.cli import app
 from deltamoe.ops.extract import extract_delta
 from deltamoe.errors import OutputError
 from deltamoe.inspect import group_of, inspect_conflict
-from deltamoe.provenance import read_manifest
+from deltamoe.io.provenance import read_manifest
 from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()
@@ -178,7 +178,7 @@ def test_moe_new_experts_against_expert0(variant: str, dense_model, tmp_path: Pa
 
 def test_streams_in_row_chunks(dense_model, tmp_path: Path, monkeypatch) -> None:
     """Tiny chunks give the same numbers (to summation order), and no tensor is ever read whole."""
-    import deltamoe.checkpoint as ck
+    import deltamoe.io as ck
     import deltamoe.engine as engine
 
     w = _world(dense_model, tmp_path)

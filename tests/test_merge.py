@@ -13,13 +13,13 @@ import torch
 from delta_fixtures import TOKENIZER_FILES, load_all, perturbed
 from typer.testing import CliRunner
 
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.cli import app
 from deltamoe.ops.extract import extract_delta
 from deltamoe.errors import DeltaMoEError
 from deltamoe.ops.merge import merge
 from deltamoe.ops.merge_methods import random_drop
-from deltamoe.provenance import describe_checkpoint, read_manifest
+from deltamoe.io.provenance import describe_checkpoint, read_manifest
 
 runner = CliRunner()
 

@@ -10,14 +10,14 @@ import torch
 from delta_fixtures import TOKENIZER_FILES, load_all, perturbed, save, simulate_cpt
 from typer.testing import CliRunner
 
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.cli import app
 from deltamoe.ops.deltas import parse_weight_arg
 from deltamoe.ops.extract import extract_delta
 from deltamoe.ops.graft import graft
 from deltamoe.errors import DeltaMoEError, UsageError
 from deltamoe.ops.merge import merge
-from deltamoe.provenance import describe_checkpoint, read_manifest
+from deltamoe.io.provenance import describe_checkpoint, read_manifest
 from deltamoe.ops.upcycle import upcycle
 
 runner = CliRunner()

@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from deltamoe.checkpoint import Checkpoint
+from deltamoe.io import Checkpoint
 from deltamoe.demo import demo_recipe_text
 from deltamoe.pipeline.graph import build_plan
 from deltamoe.pipeline.run import run_recipe
-from deltamoe.provenance import describe_checkpoint
+from deltamoe.io.provenance import describe_checkpoint
 from deltamoe.recipe import ALL_BASELINES, load_recipe
 from deltamoe.report import LABELS
 

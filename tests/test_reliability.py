@@ -106,7 +106,7 @@ def _commands(bcp, out: Path) -> dict[str, list[object]]:
 @pytest.mark.parametrize("command", ["upcycle", "graft", "extract", "merge"])
 def test_disk_full_mid_write_is_one_error_and_keeps_the_old_output(command: str, bcp, tmp_path: Path,
                                                                    monkeypatch) -> None:
-    import deltamoe.checkpoint as ck
+    import deltamoe.io as ck
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deltamoe.checkpoint import Checkpoint
+from deltamoe.io import Checkpoint
 from deltamoe.synthetic import llama_config, write_dense
 
 # Runs upcycle in a fresh interpreter and prints its peak RSS (bytes). ru_maxrss would not do:

@@ -99,7 +99,7 @@ def test_fact_split_and_chat_only_in_original_language(toy_micro: Path) -> None:
 def test_pretraining_corpus_is_mostly_original_language() -> None:
     from itertools import islice
 
-    from deltamoe.toy.builder import pretrain_documents
+    from deltamoe.toy.corpora import pretrain_documents
     from deltamoe.toy.config import SIZES
     from deltamoe.toy.world import make_world
 
@@ -466,7 +466,7 @@ def test_ceiling_post_training_replays_text_and_refuses_bad_corpora(toy_micro: P
     from safetensors.torch import load_file
 
     from deltamoe.errors import UsageError
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io.provenance import read_manifest
     from deltamoe.toy.sft import post_train_chat
 
     kw = {"steps": 3, "lr": 1e-3, "batch_size": 4, "seed": 0, "progress": False}

@@ -14,7 +14,7 @@ import yaml
 from train_world import base_config, get_world
 
 import deltamoe
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 
 # Same data per optimizer step, same micro-batches; only the order of the gradient sums differs
 # (DDP all-reduce vs accumulation), so the weights may differ by float rounding at most.

@@ -17,7 +17,7 @@ import torch
 from train_world import base_config, get_world, torchrun_train
 
 import deltamoe
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.errors import UsageError
 
 # FSDP2 reduces gradients and the clipping norm over shards in another order than one process

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltamoe.checkpoint import open_checkpoint
-from deltamoe.provenance import read_manifest
+from deltamoe.io import open_checkpoint
+from deltamoe.io.provenance import read_manifest
 from deltamoe.train import model as M
 from deltamoe.train.config import PostPretrainTrainable, RouterReviewTrainable
 from deltamoe.train.policy import apply_policy

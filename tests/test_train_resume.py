@@ -7,7 +7,7 @@ import torch
 from train_world import base_config, get_world
 
 import deltamoe
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.errors import UsageError
 
 
@@ -55,7 +55,7 @@ def test_resume_after_interruption_is_bit_identical(world, tmp_path) -> None:
         assert torch.equal(a.read(k), b.read(k)), k
         changed += not torch.equal(a.read(k), open_checkpoint(world.moe).read(k))
     assert changed > 0
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io.provenance import read_manifest
 
     result = read_manifest(part)["stages"][-1]["params"]["result"]
     assert result["heldout_loss_before"] == read_manifest(full)["stages"][-1]["params"]["result"]["heldout_loss_before"]

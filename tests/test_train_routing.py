@@ -9,7 +9,7 @@ import torch
 from train_world import base_config, documents, make_moe, write_txt
 
 import deltamoe
-from deltamoe.checkpoint import open_checkpoint
+from deltamoe.io import open_checkpoint
 from deltamoe.train.routing import RouterMask, keep_first, masked_choice, original_languages, route_matrix
 
 ALLOC = {"en": [0], "xx": [1], "yy": [2, 3]}

@@ -13,8 +13,8 @@ import torch
 from train_world import base_config, documents, get_world, make_moe, stock_measure, write_jsonl, write_txt
 
 import deltamoe
-from deltamoe.checkpoint import TOKENIZER_FILES, open_checkpoint
-from deltamoe.provenance import read_manifest
+from deltamoe.io import TOKENIZER_FILES, open_checkpoint
+from deltamoe.io.provenance import read_manifest
 
 STAGE2_XX_TOLERANCE = 0.05  # nats: stage 2 may cost the new language at most this much held-out loss
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from deltamoe.arch import arch_for
-from deltamoe.checkpoint import Checkpoint
+from deltamoe.io import Checkpoint
 from deltamoe.ops.upcycle import parse_allocation, parse_layers, upcycle
 from tiny_models import VARIANTS
 

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "upcycle": "deltamoe.ops.upcycle",
-    "open_checkpoint": "deltamoe.checkpoint",
+    "open_checkpoint": "deltamoe.io",
     "DeltaMoEError": "deltamoe.errors",
     "train": "deltamoe.train",
     "graft": "deltamoe.ops.graft",
@@ -26,7 +26,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
     from deltamoe.errors import DeltaMoEError
     from deltamoe.inspect import inspect_conflict
     from deltamoe.ops.expand import expand_blocks

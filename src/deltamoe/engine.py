@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe._memory import return_large_frees_to_os
-from deltamoe.checkpoint import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
+from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
 from deltamoe.errors import CheckpointError
 
 # Elements per chunk of elementwise work: 1M elements = 4 MB in float32. Big enough that

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe import __version__, arch
-from deltamoe.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, check_output, open_checkpoint, write_json
+from deltamoe.io import Checkpoint, ShardedWriter, atomic_output_dir, check_output, open_checkpoint, write_json
 from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, diff32, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.inspect_output import Acc, Target, format_table, plot, summary_rows, table_rows, totals
@@ -32,7 +32,7 @@ from deltamoe.ops.common import check_float, natural_key
 from deltamoe.ops.deltas import open_deltas
 from deltamoe.ops.graft import moe_tensors
 from deltamoe.ops.sources import STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, pair_rows
-from deltamoe.provenance import read_manifest
+from deltamoe.io.provenance import read_manifest
 
 JSON_NAME = "inspect.json"
 PLOT_NAME = "inspect.png"

@@ -42,8 +42,8 @@ def collect(systems: dict[str, tuple[Path, Path]], languages: dict[str, list[str
 
     ``systems`` maps a system to (checkpoint dir, evaluation dir).
     """
-    from deltamoe.checkpoint import Checkpoint
-    from deltamoe.provenance import describe_checkpoint
+    from deltamoe.io import Checkpoint
+    from deltamoe.io.provenance import describe_checkpoint
 
     out: dict[str, Any] = {
         "deltamoe_version": __version__,

@@ -129,7 +129,7 @@ def _write_run(run: dict[str, Any], workdir: Path) -> Path:
         if link.exists():
             raise UsageError(f"{link}: exists and is not the study's shared cache; remove it")
         link.symlink_to(os.path.relpath(workdir / "stages", run["dir"]))
-    from deltamoe.checkpoint import atomic_write_text
+    from deltamoe.io import atomic_write_text
 
     path = run["dir"] / "recipe.yaml"
     text = yaml.safe_dump(run["recipe"], sort_keys=False)

@@ -191,7 +191,7 @@ def _tradeoff(numbers: dict[str, Any], metric: str, path: Path) -> None:
 
 def write_study_report(workdir: Path, spec: Any, runs: list[dict[str, Any]]) -> Path:
     """``study.json``, ``study.md`` and ``plots/study_tradeoff_{qa,mc}.png`` in ``workdir``."""
-    from deltamoe.checkpoint import atomic_write_text
+    from deltamoe.io import atomic_write_text
 
     numbers = study_numbers(spec, runs)
     (workdir / "plots").mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, dtype_code, write_json
+from deltamoe.io import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, dtype_code, write_json
 
 
 def llama_config(

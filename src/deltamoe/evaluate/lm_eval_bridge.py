@@ -116,7 +116,7 @@ def group(name: str, tasks: list[str], metric: str | None) -> dict[str, Any]:
 def export_lm_eval(toy_dir: str | Path, out: str | Path, *, force: bool = False) -> dict[str, Any]:
     """Write lm-eval task YAMLs (and copies of the evaluation data they read) for the toy world in
     ``toy_dir`` into ``out``. Returns {"out", "tasks", "groups"}."""
-    from deltamoe.checkpoint import atomic_output_dir
+    from deltamoe.io import atomic_output_dir
 
     toy = Path(toy_dir)
     manifest_path = toy / "toy.json"

@@ -74,7 +74,7 @@ def evaluate(
     model_path = Path(model)
     if not model_path.is_dir():
         raise CheckpointError(f"{model_path}: no such model directory")
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
 
     ckpt = open_checkpoint(model_path)  # checks config and safetensors shards, refuses pickles
     require_causal_lm(ckpt.config, model_path)
@@ -225,7 +225,7 @@ def require_causal_lm(config: dict[str, Any], model_path: Path) -> None:
 
 
 def _moe_block(model_path: Path) -> dict[str, Any]:
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io.provenance import read_manifest
 
     manifest = read_manifest(model_path) or {}
     return manifest.get("moe") or {}

@@ -50,7 +50,7 @@ def find_toy_data(model: Path, data: str | Path | None) -> Path:
         if not _is_toy_dir(p):
             raise UsageError(f"{p}: not a toy world (no toy.json); build one with 'deltamoe toy build {p}'")
         return p
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io.provenance import read_manifest
 
     seen: set[Path] = set()
     queue = [model]

@@ -2,7 +2,7 @@
 
 Each operation reads as validate -> plan -> write: it checks its arguments and inputs (nothing is
 read but headers and configs), plans the output's tensors (names, dtypes, shapes) and how each is
-made, then writes them through :func:`deltamoe.output.write_output` (streamed by the engine,
+made, then writes them through :func:`deltamoe.io.output.write_output` (streamed by the engine,
 :func:`deltamoe.engine.run_steps`, for the elementwise ones; see :func:`deltamoe.ops.steps.stream_output`).
 
 - :mod:`~deltamoe.ops.sources`: one Δ = P − B, from a (B, P) pair or a delta artifact.

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import DTYPE_NAMES, Checkpoint, check_output, dtype_code
+from deltamoe.io import DTYPE_NAMES, Checkpoint, check_output, dtype_code
 from deltamoe.choices import NEW_ROWS
 from deltamoe.engine import is_float
 from deltamoe.errors import CheckpointError, UsageError

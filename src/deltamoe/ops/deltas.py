@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import Checkpoint, open_checkpoint
+from deltamoe.io import Checkpoint, open_checkpoint
 from deltamoe.engine import Read, f32
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.ops.common import natural_key

@@ -31,13 +31,13 @@ import torch
 
 from deltamoe import arch
 from deltamoe._memory import return_large_frees_to_os
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, TensorSpec, open_checkpoint, torch_dtype
+from deltamoe.io import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, TensorSpec, open_checkpoint, torch_dtype
 from deltamoe.engine import byte_bar, check_finite_tensors
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.ops.common import natural_key, prepare_output
 from deltamoe.ops.upcycle import validate_dense
-from deltamoe.output import Finished, write_output
-from deltamoe.provenance import new_manifest, read_manifest
+from deltamoe.io.output import Finished, write_output
+from deltamoe.io.provenance import new_manifest, read_manifest
 
 EXPAND_STAGE = "expand"
 ATTENTION_OUT = "self_attn.o_proj"  # in every supported family (checked against transformers' model)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, open_checkpoint
+from deltamoe.io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, open_checkpoint
 from deltamoe.engine import Step
 from deltamoe.errors import ArchitectureError, CheckpointError
 from deltamoe.ops.common import (
@@ -40,8 +40,8 @@ from deltamoe.ops.sources import (
     refuse_new_rows,
 )
 from deltamoe.ops.steps import copy_steps, graft_steps, stream_output
-from deltamoe.output import Finished
-from deltamoe.provenance import new_manifest, read_manifest
+from deltamoe.io.output import Finished
+from deltamoe.io.provenance import new_manifest, read_manifest
 
 _EXPAND_KEYS = ("family", "original_layers", "num_layers", "sources", "new_layers", "layer_prefix")
 

@@ -7,14 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
+from deltamoe.io import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
 from deltamoe.engine import Step, row_chunks
 from deltamoe.errors import UsageError
 from deltamoe.ops.common import natural_key, prepare_output
 from deltamoe.ops.sources import PairDelta, added_rows
 from deltamoe.ops.steps import added_rows_steps, stream_output
-from deltamoe.output import Finished
-from deltamoe.provenance import new_manifest
+from deltamoe.io.output import Finished
+from deltamoe.io.provenance import new_manifest
 
 DELTA_STAGE = "delta"
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from deltamoe import arch
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, open_checkpoint
+from deltamoe.io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, open_checkpoint
 from deltamoe.choices import NewRows
 from deltamoe.engine import Out, Read, Step, row_chunks
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
@@ -49,8 +49,8 @@ from deltamoe.ops.expand_graft import expand_block, graft_expanded
 from deltamoe.ops.sources import DeltaSource, added_rows, check_counterparts, refuse_new_rows
 from deltamoe.ops.steps import add_scaled, copy_chunk, copy_steps, graft_steps, stream_output
 from deltamoe.ops.upcycle import UPCYCLE_STAGE
-from deltamoe.output import Finished
-from deltamoe.provenance import new_manifest, read_manifest
+from deltamoe.io.output import Finished
+from deltamoe.io.provenance import new_manifest, read_manifest
 
 _MOE_KEYS = ("family", "num_experts", "top_k", "moe_layers", "replicated_layers", "names")
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
+from deltamoe.io import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
 from deltamoe.choices import METHODS, Method, Rescale
 from deltamoe.engine import Out, Read, Step, add32, row_chunks
 from deltamoe.errors import CheckpointError, UsageError
@@ -58,8 +58,8 @@ from deltamoe.ops.deltas import (
 from deltamoe.ops.merge_methods import SPARSE, mix
 from deltamoe.ops.sources import ArtifactDelta, PairDelta, added_rows, check_configs, pair_rows, refuse_new_rows
 from deltamoe.ops.steps import RowMean, added_rows_steps, stream_output
-from deltamoe.output import Finished
-from deltamoe.provenance import new_manifest
+from deltamoe.io.output import Finished
+from deltamoe.io.provenance import new_manifest
 
 
 def parse_weighted(text: str) -> tuple[str, float | None]:

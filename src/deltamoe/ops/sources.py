@@ -15,10 +15,10 @@ from typing import Any, Protocol
 import torch
 
 from deltamoe import arch
-from deltamoe.checkpoint import Checkpoint, TensorSpec
+from deltamoe.io import Checkpoint, TensorSpec
 from deltamoe.engine import Read, diff32, is_float
 from deltamoe.errors import ArchitectureError, CheckpointError
-from deltamoe.provenance import read_manifest
+from deltamoe.io.provenance import read_manifest
 
 # Config fields that fix tensor shapes or weight sharing: B and P must agree on them.
 STRUCTURAL = (

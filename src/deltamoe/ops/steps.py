@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import Checkpoint, ShardedWriter, TensorSpec
+from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec
 from deltamoe.engine import Out, Read, Step, add32, row_chunks, run_steps
 from deltamoe.ops.sources import DeltaSource
-from deltamoe.output import Finished, write_output
+from deltamoe.io.output import Finished, write_output
 
 
 def stream_output(
@@ -36,7 +36,7 @@ def stream_output(
     progress: bool,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """:func:`deltamoe.output.write_output` of the tensors ``specs`` that the engine computes by ``steps``."""
+    """:func:`deltamoe.io.output.write_output` of the tensors ``specs`` that the engine computes by ``steps``."""
     planned = {s.name: s for s in specs}
 
     def tensors(writer: ShardedWriter) -> None:

@@ -24,7 +24,7 @@ import torch
 from deltamoe import arch
 from deltamoe._memory import return_large_frees_to_os
 from deltamoe.arch import ROLES, ArchSpec, Role
-from deltamoe.checkpoint import (
+from deltamoe.io import (
     DEFAULT_SHARD_BYTES,
     DTYPE_NAMES,
     Checkpoint,
@@ -38,8 +38,8 @@ from deltamoe.choices import RouterInit
 from deltamoe.engine import byte_bar, check_finite_tensors, is_float
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.ops.common import check_dtype_arg, config_dtype_name, natural_key, prepare_output, seeded_generator
-from deltamoe.output import Finished, write_output
-from deltamoe.provenance import new_manifest
+from deltamoe.io.output import Finished, write_output
+from deltamoe.io.provenance import new_manifest
 
 UPCYCLE_STAGE = "upcycle"
 _NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)

@@ -33,7 +33,7 @@ from deltamoe.recipe import Recipe
 def _param_counts(path: Path) -> dict[str, int]:
     """Total parameters and FFN parameters of a dense checkpoint, from its headers."""
     from deltamoe import arch
-    from deltamoe.checkpoint import Checkpoint
+    from deltamoe.io import Checkpoint
 
     ck = Checkpoint(path)
     spec = arch.arch_for(ck.config)
@@ -73,7 +73,7 @@ def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
 def parameter_match(expanded: Path, moe: Path, base: Path) -> dict[str, Any]:
     """What the block-expansion baseline adds to B against what the upcycle adds (its new experts
     and routers), counted from the checkpoints' headers."""
-    from deltamoe.checkpoint import Checkpoint
+    from deltamoe.io import Checkpoint
 
     def total(p: Path) -> int:
         return sum(math.prod(t.spec.shape) for t in Checkpoint(p).tensors.values())

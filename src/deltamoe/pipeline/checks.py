@@ -86,7 +86,7 @@ def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
 def _check_model(ref: str, rdir: Path, where: str) -> None:
     """A local model must be a supported safetensors checkpoint; a Hub id is fetched when the run needs it."""
     from deltamoe import arch
-    from deltamoe.checkpoint import Checkpoint, model_ref
+    from deltamoe.io import Checkpoint, model_ref
     from deltamoe.errors import DeltaMoEError
 
     try:

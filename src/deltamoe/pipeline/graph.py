@@ -240,7 +240,7 @@ def _evaluations(g: _Graph) -> None:
     ev, progress = g.recipe.eval, g.progress
 
     def evaluator(inp: dict[str, Path], out: Path) -> None:
-        from deltamoe.checkpoint import atomic_output_dir
+        from deltamoe.io import atomic_output_dir
 
         with atomic_output_dir(out) as tmp:
             if "toy" in ev.suites:
@@ -270,7 +270,7 @@ def workdir_of(recipe: Recipe, recipe_dir: Path) -> Path:
 
 def ext_path(p: str, recipe_dir: Path) -> Path:
     """A model given in the recipe: a path relative to the recipe, an absolute path, or a Hub id."""
-    from deltamoe.checkpoint import resolve_model
+    from deltamoe.io import resolve_model
 
     return resolve_model(p, recipe_dir)
 

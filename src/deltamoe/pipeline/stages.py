@@ -44,7 +44,7 @@ def _digest(obj: Any) -> str:
 
 def fingerprint(path: Path, cache_file: Path) -> str:
     """Content hash of an external checkpoint directory, memoised by (path, size, mtime) of its files."""
-    from deltamoe.provenance import sha256_file
+    from deltamoe.io.provenance import sha256_file
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     stat_key = _digest([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])

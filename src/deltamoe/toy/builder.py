@@ -42,8 +42,9 @@ from typing import Any
 
 from deltamoe.errors import OutputError, UsageError
 from deltamoe.toy.config import GENERATOR_VERSION, SIZES, ModelShape, PostTraining, ToyConfig, TrainPhase
+from deltamoe.toy.corpora import chat_items, pretrain_stream, text_makers, write_corpora
 from deltamoe.toy.languages import NEW_LANGUAGES, ORIGINAL, RELATIONS
-from deltamoe.toy.world import TextMaker, World, chat_messages, make_world, rng_for
+from deltamoe.toy.world import World, chat_messages, make_world
 
 TOY_MANIFEST = "toy.json"
 QA_TASKS = ("qa_rc", "qa_facts")
@@ -100,7 +101,7 @@ def build(
     """
     import torch  # noqa: F401  (fail early if the ML stack is missing)
 
-    from deltamoe.checkpoint import atomic_output_dir, check_output
+    from deltamoe.io import atomic_output_dir, check_output
     from deltamoe.toy.shipped import shipped_dir
     from deltamoe.toy.train import default_threads, deterministic
 
@@ -147,59 +148,8 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_corpora(tmp: Path, world: World, cfg: ToyConfig, seed: int) -> None:
-    """Every text file of a build except the tokenizer: world.json, chat data, CPT and replay
-    corpora, evaluation sets. Deterministic and cheap (no tokenizer, no model)."""
-    (tmp / "world.json").write_text(json.dumps(world.to_json(), indent=2, ensure_ascii=False) + "\n")
-    maker = _makers(world, cfg, seed)
-    cpt = {lang: maker(lang, "cpt").documents(cfg.cpt_docs, world.rc_names) for lang in NEW_LANGUAGES}
-    for lang, docs in cpt.items():
-        _write_jsonl(tmp / "cpt" / f"{lang}.jsonl", [{"text": d, "lang": lang} for d in docs])
-    _write_replay(tmp, world, cfg, seed, cpt, maker)
-    _write_eval(tmp, world, cfg, maker)
-    _write_jsonl(tmp / "chat.jsonl", _chat_rows(chat_items(world, cfg, cfg.posts[0], ORIGINAL, seed)))
-    rows = []
-    for lang in (ORIGINAL, *NEW_LANGUAGES):
-        rows += [{**r, "lang": lang} for r in _chat_rows(chat_items(world, cfg, cfg.posts[0], lang, seed, "chat_all"))]
-    _write_jsonl(tmp / "chat_all.jsonl", rows)
-
-
-def _makers(world: World, cfg: ToyConfig, seed: int) -> Any:
-    def maker(lang: str, purpose: str) -> TextMaker:
-        return TextMaker(world, lang, rng_for(seed, f"{purpose}:{lang}"), cfg.rc_people, cfg.rc_statements)
-
-    return maker
-
-
-def _chat_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"messages": chat_messages(it), "task": it["task"], **{k: it[k] for k in ("person", "relation") if k in it}}
-            for it in items]
-
-
-def chat_items(world: World, cfg: ToyConfig, post: PostTraining, lang: str, seed: int,
-               purpose: str = "chat") -> list[dict[str, str]]:
-    """Chat examples of one post-training recipe: its mix of reading comprehension and world
-    facts (about the facts that are not held out), in ``lang``."""
-    suffix = f"+{post.seed_offset}" if post.seed_offset else ""
-    tm = TextMaker(world, lang, rng_for(seed, f"{purpose}{suffix}:{lang}"), cfg.rc_people, cfg.rc_statements)
-    items = []
-    for _ in range(cfg.chat_examples):
-        if tm.rng.random() < post.rc_chat_share:
-            items.append(tm.rc_item(world.rc_names))
-        else:
-            items.append(tm.fact_item(*tm.rng.choice(world.train_pairs)))
-    return items
 
 
 def arch_jobs(cfg: ToyConfig) -> list[tuple[str, list[str]]]:
@@ -234,7 +184,7 @@ def _train_arch(staging: Path, cfg: ToyConfig, seed: int, index: int, progress: 
     world = make_world(seed, cfg.n_people, cfg.eval_fraction, cfg.n_fresh_names)
     tokenizer = AutoTokenizer.from_pretrained(staging / "tokenizer")
     stream = load_file(str(work / "stream.safetensors"))["ids"]
-    maker = _makers(world, cfg, seed)
+    maker = text_makers(world, cfg, seed)
     history: dict[str, Any] = {}
     with deterministic(TRAIN_THREADS):
         for name in (base_name, *post_names):
@@ -266,7 +216,7 @@ def _train_into(staging: Path, final: Path, cfg: ToyConfig, seed: int, key: str,
     world = make_world(seed, cfg.n_people, cfg.eval_fraction, cfg.n_fresh_names)
     _log(progress, f"generating corpora (staging in {staging})")
     write_corpora(staging, world, cfg, seed)
-    maker = _makers(world, cfg, seed)
+    maker = text_makers(world, cfg, seed)
     chat = chat_items(world, cfg, cfg.posts[0], ORIGINAL, seed)
     tok_texts = [d for lang in (ORIGINAL, *NEW_LANGUAGES)
                  for d in maker(lang, "tokenizer").documents(cfg.tokenizer_docs_per_language, world.rc_names)]
@@ -337,8 +287,8 @@ def finish_model_dir(directory: Path, final: Path, name: str, base_name: str, pa
                      command: list[str] | None) -> None:
     """Write a model directory's deltamoe.json and model card (they name ``final``, where the
     build is installed; a post-trained model records its base as input)."""
-    from deltamoe.checkpoint import open_checkpoint
-    from deltamoe.provenance import describe_checkpoint, new_manifest, write_manifest, write_model_card
+    from deltamoe.io import open_checkpoint
+    from deltamoe.io.provenance import describe_checkpoint, new_manifest, write_manifest, write_model_card
 
     stage = "toy-base" if name.endswith("base") else "toy-instruct"
     inputs: dict[str, Any] = {}
@@ -412,72 +362,6 @@ def _post_train(base_dir: Path, post: PostTraining, tokenizer: Any, world: World
 def _mean_tail(losses: list[float], n: int = 10) -> float:
     tail = losses[-n:]
     return round(sum(tail) / len(tail), 4)
-
-
-def _write_eval(tmp: Path, world: World, cfg: ToyConfig, maker: Any) -> None:
-    for lang in (ORIGINAL, *NEW_LANGUAGES):
-        tm = maker(lang, "eval")
-        rc = [tm.rc_item(world.rc_names) for _ in range(cfg.eval_rc)]
-        facts = [tm.fact_item(p, r) for p, r in world.eval_pairs]
-        mc_rc = [tm.mc_rc_item(world.rc_names) for _ in range(cfg.mc_items)]
-        pairs = sorted(world.facts)
-        tm.rng.shuffle(pairs)
-        mc_facts = [tm.mc_fact_item(p, r) for p, r in sorted(pairs[: cfg.mc_items])]
-        for task, items in (("qa_rc", rc), ("qa_facts", facts), ("mc_rc", mc_rc), ("mc_facts", mc_facts)):
-            _write_jsonl(tmp / "eval" / lang / f"{task}.jsonl",
-                         [{"id": f"{lang}-{task}-{i}", "lang": lang, **it} for i, it in enumerate(items)])
-        docs = tm.documents(cfg.eval_ppl_docs, world.rc_names)
-        _write_jsonl(tmp / "eval" / lang / "ppl.jsonl", [{"text": d, "lang": lang} for d in docs])
-
-
-def _write_replay(tmp: Path, world: World, cfg: ToyConfig, seed: int, cpt: dict[str, list[str]], maker: Any) -> None:
-    """About ``replay_fraction`` of the CPT documents: half fresh original-language text, half
-    drawn from the new-language CPT corpora."""
-    n = max(len(NEW_LANGUAGES) * 2, round(cfg.replay_fraction * sum(len(d) for d in cpt.values())))
-    rows = [{"text": d, "lang": ORIGINAL} for d in maker(ORIGINAL, "replay").documents(n // 2, world.rc_names)]
-    rng = rng_for(seed, "replay-sample")
-    per_lang = (n - n // 2) // len(NEW_LANGUAGES)
-    for lang in NEW_LANGUAGES:
-        rows += [{"text": d, "lang": lang} for d in rng.sample(cpt[lang], per_lang)]
-    rng.shuffle(rows)
-    _write_jsonl(tmp / "replay.jsonl", rows)
-
-
-def pretrain_documents(world: World, cfg: ToyConfig, seed: int):  # noqa: ANN201 (generator)
-    """The pre-training documents, in order, as (language, text): mostly the original language,
-    ``new_language_share`` per new language, ``parallel_share`` of those as translation pairs
-    (an original-language document followed by the same document in the new language)."""
-    rng = rng_for(seed, "pretrain-languages")
-    maker = _makers(world, cfg, seed)
-    makers = {lang: maker(lang, "pretrain") for lang in (ORIGINAL, *NEW_LANGUAGES)}
-    langs = [ORIGINAL, *NEW_LANGUAGES]
-    weights = [1 - cfg.new_language_share * len(NEW_LANGUAGES)] + [cfg.new_language_share] * len(NEW_LANGUAGES)
-    while True:
-        for lang in rng.choices(langs, weights, k=2000):
-            yield lang, (makers[lang].parallel_document(lang, world.rc_names)
-                         if lang != ORIGINAL and rng.random() < cfg.parallel_share
-                         else makers[lang].document_random(world.rc_names))
-
-
-def pretrain_stream(world: World, cfg: ToyConfig, seed: int, tokenizer: Any, sep: int) -> Any:
-    """Token ids of the pre-training documents (each closed by ``sep``) until they fill the
-    steps of the longer pre-training phase once, plus one batch."""
-    import torch
-
-    steps = max(cfg.pretrain_of(i).steps for i in range(2 if cfg.model2 is not None else 1))
-    target = (steps + 1) * cfg.pretrain.batch_size * cfg.seq_len
-    chunks: list[torch.Tensor] = []
-    total = 0
-    docs = pretrain_documents(world, cfg, seed)
-    while total < target:
-        block = [next(docs)[1] for _ in range(2000)]
-        # the Rust tokenizer directly: documents are packed, so a long one is no problem (the
-        # transformers wrapper would warn about model_max_length)
-        encs = tokenizer.backend_tokenizer.encode_batch(block, add_special_tokens=False)
-        flat = [i for enc in encs for i in (*enc.ids, sep)]
-        chunks.append(torch.tensor(flat, dtype=torch.long))
-        total += len(flat)
-    return torch.cat(chunks)
 
 
 def _save_model(model: Any, tokenizer: Any, directory: Path) -> None:

@@ -63,9 +63,9 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltamoe.checkpoint import atomic_output_dir, check_output, open_checkpoint
+    from deltamoe.io import atomic_output_dir, check_output, open_checkpoint
     from deltamoe.evaluate.run import hf_progress
-    from deltamoe.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
+    from deltamoe.io.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
     from deltamoe.toy.builder import TRAIN_THREADS
     from deltamoe.toy.config import TrainPhase
     from deltamoe.toy.tokenizer import DOC_SEP

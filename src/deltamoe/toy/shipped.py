@@ -44,7 +44,7 @@ def _shipped_files(manifest: dict[str, Any]) -> list[str]:
 
 def check_shipped(shipped: Path, key: str) -> dict[str, Any]:
     """The shipped manifest, after checking its key and the sha256 of every shipped file."""
-    from deltamoe.provenance import sha256_file
+    from deltamoe.io.provenance import sha256_file
 
     try:
         manifest = json.loads((shipped / "toy.json").read_text())
@@ -68,7 +68,8 @@ def check_shipped(shipped: Path, key: str) -> dict[str, Any]:
 def materialise(shipped: Path, tmp: Path, final: Path, cfg: Any, seed: int, key: str, progress: bool,
                 command: list[str] | None) -> None:
     """Write the build of the shipped set into ``tmp`` (which becomes ``final``)."""
-    from deltamoe.toy.builder import TOY_MANIFEST, _log, build_files, finish_model_dir, write_corpora
+    from deltamoe.toy.builder import TOY_MANIFEST, _log, build_files, finish_model_dir
+    from deltamoe.toy.corpora import write_corpora
     from deltamoe.toy.config import GENERATOR_VERSION
     from deltamoe.toy.world import make_world
 
@@ -94,7 +95,7 @@ def materialise(shipped: Path, tmp: Path, final: Path, cfg: Any, seed: int, key:
 def ship(build: Path, dest: Path | None = None) -> Path:
     """Copy a trained build's shipped part (toy.json, tokenizer, model files) into the package
     (or ``dest``); returns where it went."""
-    from deltamoe.checkpoint import atomic_output_dir
+    from deltamoe.io import atomic_output_dir
 
     manifest = json.loads((build / "toy.json").read_text())
     dest = dest or SHIPPED_ROOT / f"{manifest['size']}-seed{manifest['seed']}"

@@ -17,7 +17,7 @@ new languages; load balancing) or ``router_review`` (routers only, language-prio
 - step.py: one optimizer step (forward, losses, backward, clipping) and its running statistics
 - heldout.py: held-out evaluation; logs.py: JSONL and TensorBoard logs
 - checkpointing.py: resumable step checkpoints (own format, DCP, accelerate), RNG state
-- output.py: the trained model's output directory, through deltamoe.output.write_output
+- output.py: the trained model's output directory, through deltamoe.io.output.write_output
 - loop.py: ``train``, which composes them
 - distributed.py: the engines (DDP, FSDP2 applied with fully_shard, DeepSpeed ZeRO-3)
 

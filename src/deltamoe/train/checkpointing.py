@@ -218,7 +218,7 @@ class RunCheckpoints:
         the optimizer state with the random state."""
         from safetensors.torch import save_file
 
-        from deltamoe.checkpoint import atomic_output_dir
+        from deltamoe.io import atomic_output_dir
 
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_output_dir(final, force=True) as tmp:

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltamoe.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, torch_dtype
+from deltamoe.io import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, torch_dtype
 from deltamoe.errors import ArchitectureError, CheckpointError
-from deltamoe.output import write_shards
+from deltamoe.io.output import write_shards
 from deltamoe.train.experts import SplitExperts
 
 # Parameter groups. Which ones train is decided by deltamoe.train.policy.

@@ -1,5 +1,5 @@
 """The trained model's output directory, written like every weight operation's: through
-:func:`deltamoe.output.write_output`.
+:func:`deltamoe.io.output.write_output`.
 
 The shards hold the trained tensors in the input's names, order and dtypes (frozen ones copied
 from the input after a bitwise check, :func:`deltamoe.train.model.write_trained_tensors`); beside
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import Checkpoint, ShardedWriter
-from deltamoe.output import Finished, write_output
-from deltamoe.provenance import new_manifest, read_manifest
+from deltamoe.io import Checkpoint, ShardedWriter
+from deltamoe.io.output import Finished, write_output
+from deltamoe.io.provenance import new_manifest, read_manifest
 from deltamoe.train.model import Layout, write_trained_tensors
 
 

@@ -154,7 +154,7 @@ def pack(
 
     from tqdm.auto import tqdm
 
-    from deltamoe.checkpoint import atomic_output_dir, check_output
+    from deltamoe.io import atomic_output_dir, check_output
 
     cfg, model_tok, langs = _setup(config)
     if tokenizer is not None and tokenizer_digest(_load_tokenizer(Path(tokenizer))) != tokenizer_digest(model_tok):
@@ -206,8 +206,8 @@ def _load_tokenizer(path: Path) -> Any:
 
 def _setup(config: str | os.PathLike[str] | dict[str, Any]) -> tuple[Any, Any, Languages]:
     """The training config, its model's tokenizer and its languages."""
-    from deltamoe.checkpoint import open_checkpoint
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io import open_checkpoint
+    from deltamoe.io.provenance import read_manifest
     from deltamoe.train.config import load_config
 
     cfg = load_config(config)

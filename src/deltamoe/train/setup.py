@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from deltamoe.checkpoint import Checkpoint
+from deltamoe.io import Checkpoint
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.train import data as D
 from deltamoe.train import distributed as dist_engine
@@ -143,9 +143,9 @@ def _open_input(cfg: AnyStageConfig) -> _Input:
     """The input model of the stage, its MoE block, the trained layers and the tokenizer, checked."""
     from transformers import AutoTokenizer
 
-    from deltamoe.checkpoint import open_checkpoint
+    from deltamoe.io import open_checkpoint
     from deltamoe.engine import check_finite_tensors
-    from deltamoe.provenance import read_manifest
+    from deltamoe.io.provenance import read_manifest
 
     ckpt = open_checkpoint(cfg.model)
     in_manifest = read_manifest(ckpt.path)
@@ -260,9 +260,9 @@ def setup(cfg: AnyStageConfig, *, force: bool, progress: bool | None, stop_after
     resuming a checkpoint); see the module's docstring for the order."""
     from accelerate.utils import set_seed
 
-    from deltamoe.checkpoint import check_output
+    from deltamoe.io import check_output
     from deltamoe.preflight import writable_dir
-    from deltamoe.provenance import hash_in_background
+    from deltamoe.io.provenance import hash_in_background
 
     out = check_output(cfg.output, force=force)
     writable_dir(cfg.resolved_run_dir, "run_dir (logs and step checkpoints)")

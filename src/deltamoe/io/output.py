@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deltamoe.checkpoint import (
+from deltamoe.io import (
     DEFAULT_SHARD_BYTES,
     Checkpoint,
     ShardedWriter,
@@ -34,7 +34,7 @@ from deltamoe.checkpoint import (
     write_json,
 )
 from deltamoe.preflight import check_output_disk
-from deltamoe.provenance import hash_in_background, write_manifest, write_model_card
+from deltamoe.io.provenance import hash_in_background, write_manifest, write_model_card
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def write_output(
     ``finish(hashes)`` returns for the sha256 descriptions of ``inputs`` (in order), with the
     tokenizer and other auxiliary files of ``aux``. Returns ``out``.
 
-    ``inputs`` may be the hashes already started (:func:`deltamoe.provenance.hash_in_background`),
+    ``inputs`` may be the hashes already started (:func:`deltamoe.io.provenance.hash_in_background`),
     and ``disk_checked`` says the caller checked the free disk for this output itself (both: a
     training stage, before its first step)."""
     out_path = Path(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deltamoe import __version__
-from deltamoe.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
+from deltamoe.io import CONFIG_NAME, INDEX_NAME, Checkpoint
 from deltamoe.errors import CheckpointError
 
 MANIFEST_NAME = "deltamoe.json"
