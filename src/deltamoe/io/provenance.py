@@ -16,7 +16,7 @@ from deltamoe.errors import CheckpointError
 
 MANIFEST_NAME = "deltamoe.json"
 FORMAT_VERSION = 1
-_CHUNK = 8 * 2**20
+_CHUNK = 2**20
 
 
 # Files at least this large have their sha256 cached (see _hash_cache_key).
@@ -70,7 +70,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def _sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
-    buf = bytearray(_CHUNK)  # one reused buffer: hashing a 16 GB model costs 8 MB of memory
+    buf = bytearray(_CHUNK)  # one reused 1 MiB buffer (larger ones hash no faster here)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):

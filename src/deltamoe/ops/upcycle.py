@@ -177,33 +177,46 @@ def _build_plan(
     return _Plan(specs, ffn, generated)
 
 
-def _perturb(
-    w: torch.Tensor, role: Role, layer: int, expert: int, *, noise: float, reinit_ratio: float, seed: int
-) -> torch.Tensor:
-    """A new expert's copy of ``w`` (shape [I, H] for gate/up, [H, I] for down), perturbed in float32.
+def _write_perturbed(
+    writer: ShardedWriter, target: str, w: torch.Tensor, *, role: Role, layer: int, expert: int, noise: float,
+    reinit_ratio: float, seed: int,
+) -> None:
+    """Write a new expert's copy of ``w`` (shape [I, H] for gate/up, [H, I] for down), perturbed in
+    float32, to ``target`` in row blocks: beside ``w`` only one block (about 1 MiB) is in memory.
 
     Drop-Upcycling re-initialises the same intermediate neurons (rows of gate/up, columns of
-    down) from N(mean, std) of the original matrix; noise adds N(0, (noise * std)^2).
+    down) from N(mean, std) of the original matrix; noise adds N(0, (noise * std)^2). The draws
+    do not depend on the blocking: the re-initialised values are drawn whole, and the noise in
+    row order from one generator.
     """
-    x = w.float().clone()
-    std = x.std().item() if x.numel() > 1 else 0.0
+    full = w.float()
+    std = full.std().item() if full.numel() > 1 else 0.0
+    mean = full.mean().item() if reinit_ratio > 0 else 0.0
+    del full  # a float32 copy only when w is not float32; freed before the blocks
+    fresh, rows_of = None, None
     if reinit_ratio > 0:
-        n_inter = x.shape[1] if role == "down" else x.shape[0]
+        n_inter = w.shape[1] if role == "down" else w.shape[0]
         k = round(reinit_ratio * n_inter)
         idx = torch.randperm(n_inter, generator=seeded_generator(seed, "drop", layer, expert))[:k]
         g = seeded_generator(seed, "reinit", layer, expert, role)
-        mean = x.mean().item()
-        if role == "down":
-            x[:, idx] = torch.randn((x.shape[0], k), generator=g) * std + mean
-        else:
-            x[idx, :] = torch.randn((k, x.shape[1]), generator=g) * std + mean
-    if noise > 0:
-        g = seeded_generator(seed, "noise", layer, expert, role)
-        # in place and in row blocks, so that no third full-size matrix is ever allocated
-        rows = max(1, _NOISE_BLOCK // max(1, x[0].numel()))
-        for block in x.split(rows):
-            block.add_(torch.randn(block.shape, generator=g).mul_(noise * std))
-    return x.to(w.dtype)
+        shape = (w.shape[0], k) if role == "down" else (k, w.shape[1])
+        fresh = torch.randn(shape, generator=g) * std + mean
+        if role != "down":
+            rows_of = torch.full((w.shape[0],), -1, dtype=torch.long)
+            rows_of[idx] = torch.arange(k)  # row r of w takes row rows_of[r] of fresh
+    g = seeded_generator(seed, "noise", layer, expert, role) if noise > 0 else None
+    step = max(1, _NOISE_BLOCK // max(1, w[0].numel()))
+    for start in range(0, w.shape[0], step):
+        x = w[start:start + step].float().clone()
+        if fresh is not None and role == "down":
+            x[:, idx] = fresh[start:start + step]
+        elif fresh is not None:
+            local = rows_of[start:start + step]
+            hit = (local >= 0).nonzero().flatten()
+            x[hit] = fresh[local[hit]]
+        if g is not None:
+            x.add_(torch.randn(x.shape, generator=g).mul_(noise * std))
+        writer.write_rows(target, start, x.to(w.dtype))
 
 
 def upcycle(
@@ -349,8 +362,8 @@ def _write_tensors(ckpt: Checkpoint, writer: ShardedWriter, spec: ArchSpec, plan
         targets = [name] if role is None else [spec.expert_name(role, layer, e) for e in range(num_experts)]
         new_expert = None
         if role is not None and layer in moe_layers and perturb:
-            new_expert = partial(_perturb, role=role, layer=layer, noise=init.noise, reinit_ratio=init.reinit_ratio,
-                                 seed=init.seed)
+            new_expert = partial(_write_perturbed, role=role, layer=layer, noise=init.noise,
+                                 reinit_ratio=init.reinit_ratio, seed=init.seed)
         _write_copies(ckpt, writer, name, targets, out_dtype, bar, new_expert)
         if role == "down":
             router_init = init.router_init if layer in moe_layers else "zero"
@@ -360,9 +373,9 @@ def _write_tensors(ckpt: Checkpoint, writer: ShardedWriter, spec: ArchSpec, plan
 
 
 def _write_copies(ckpt: Checkpoint, writer: ShardedWriter, name: str, targets: list[str],
-                  out_dtype: torch.dtype | None, bar: Any, new_expert: Callable[..., torch.Tensor] | None) -> None:
+                  out_dtype: torch.dtype | None, bar: Any, new_expert: Callable[..., None] | None) -> None:
     """Tensor ``name`` to each of ``targets``, read at most once; with ``new_expert``, every target
-    but the first (expert 0) is ``new_expert(t, expert=e)``, a perturbed copy."""
+    but the first (expert 0) is written by ``new_expert(writer, target, t, expert=e)``, a perturbed copy."""
     info = ckpt.tensors[name]
     t = None
     for e, target in enumerate(targets):
@@ -374,7 +387,10 @@ def _write_copies(ckpt: Checkpoint, writer: ShardedWriter, name: str, targets: l
                 t = ckpt.read(name)
                 if out_dtype is not None and t.is_floating_point():
                     t = t.to(out_dtype)
-            writer.write(target, new_expert(t, expert=e) if perturbed else t)
+            if perturbed:
+                new_expert(writer, target, t, expert=e)
+            else:
+                writer.write(target, t)
         bar.update(writer.spec(target).nbytes)
 
 
