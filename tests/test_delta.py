@@ -268,6 +268,40 @@ def test_sha256_cache_never_serves_a_stale_digest(tmp_path: Path, monkeypatch) -
     assert sha256_file(f) == hashlib.sha256(data).hexdigest()
 
 
+def test_background_hashing_matches_describe_checkpoint_and_yields_the_cpu(dense_model, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    import os
+    import threading
+
+    import deltamoe.io.provenance as prov
+    from deltamoe.io import Checkpoint
+
+    monkeypatch.setenv("DELTAMOE_HASH_CACHE", "0")
+    w = _world(dense_model, tmp_path, "llama-untied-gqa")
+    ckpts = [Checkpoint(w["M"]), Checkpoint(w["B"]), Checkpoint(w["P"])]
+    seen: list[tuple[str, int]] = []
+    real = prov.sha256_file
+
+    def spy(path):
+        if hasattr(os, "getpriority"):
+            seen.append((Path(path).name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real(path)
+
+    monkeypatch.setattr(prov, "sha256_file", spy)
+    got = prov.hash_in_background(*ckpts).result()
+    monkeypatch.setattr(prov, "sha256_file", real)
+    assert got == [prov.describe_checkpoint(c) for c in ckpts]  # same descriptions, in input order
+    assert len(seen) == sum(len(d["files"]) for d in got)  # every file hashed once, on a worker
+    if os.getpriority(os.PRIO_PROCESS, 0) < 19:
+        assert {nice for _, nice in seen} == {19}  # the workers yield to the work they run beside
+    import shutil
+
+    broken = Checkpoint(shutil.copytree(w["B"], tmp_path / "B-copy"))  # B itself is the session's
+    (broken.path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):  # an unreadable input surfaces where the caller collects
+        prov.hash_in_background(broken).result()
+
+
 # -- bad input: a clear error naming the tensor or file, exit 1, nothing written ---------------
 def _graft_cli(out: Path, *args: str) -> tuple[int, str]:
     res = runner.invoke(app, ["graft", str(out), *args, "-q"])

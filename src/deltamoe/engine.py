@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe._memory import return_large_frees_to_os
+from deltamoe.arith import SCRATCH
 from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
 from deltamoe.errors import CheckpointError
 
@@ -117,76 +118,41 @@ def is_float(code: str) -> bool:
     return code in FLOAT_CODES
 
 
-def f32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32; a new tensor unless it already is float32 (then ``t`` itself)."""
-    return t if t.dtype == torch.float32 else t.float()
+class _Recycled:
+    """Buffers for the rounded output pieces, handed back by the writer and reused.
 
-
-class _Scratch(threading.local):
-    """Per-thread float32 buffers of one chunk, reused from one step to the next.
-
-    A fresh 4 MB float32 temporary per chunk is served by ``mmap`` (see _memory.py) and costs
-    ~1000 page faults on first touch: measured on one core, converting and adding a 1M-element
-    bf16 chunk took 3.3 ms with fresh buffers and 1.65 ms in reused ones. Reusing one buffer per
-    slot keeps that speed without the ~40 MB of freed heap memory that glibc would otherwise
-    keep resident.
+    Each rounded piece used to be a fresh allocation that the writer thread freed: glibc returns
+    the memory to the OS and the next piece faults it in again, page by page (measured on the
+    8-expert bench graft: 0.4-1.5 M minor faults, most of its 7-13 s of system time). A few
+    chunk-sized buffers per output dtype, as many as the write budget can hold in flight, keep
+    the speed and bound the memory; pieces larger than a chunk are allocated as before.
     """
 
-    def __init__(self) -> None:
-        self.bufs: dict[str, torch.Tensor] = {}
+    def __init__(self, buffer_bytes: int) -> None:
+        self.buffer_bytes = buffer_bytes
+        self.free: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.lock = threading.Lock()
 
-    def get(self, slot: str, shape: Sequence[int]) -> torch.Tensor | None:
-        """A float32 tensor of ``shape`` in ``slot``'s buffer; None when larger than a chunk."""
-        n = math.prod(shape)
-        if n > CHUNK_ELEMS:
-            return None  # whole-tensor work (TIES/DARE) allocates; a buffer that size would stay
-        buf = self.bufs.get(slot)
+    def cast(self, t: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``t`` rounded to ``dt`` (a copy), in a recycled buffer when it fits one; and that buffer."""
+        cap = CHUNK_ELEMS * dt.itemsize
+        if t.numel() * dt.itemsize > cap:
+            return (t.to(dt) if t.dtype != dt else t.clone()), None
+        with self.lock:
+            free = self.free.get(dt)
+            buf = free.pop() if free else None
         if buf is None:
-            buf = self.bufs[slot] = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-        return buf[:n].view(tuple(shape))
+            buf = torch.empty(CHUNK_ELEMS, dtype=dt)
+        out = buf[: t.numel()].view(t.shape)
+        out.copy_(t)  # the same rounding as t.to(dt)
+        return out, buf
 
-    def owns(self, t: torch.Tensor) -> bool:
-        ptr = t.untyped_storage().data_ptr()
-        return any(ptr == b.untyped_storage().data_ptr() for b in self.bufs.values())
-
-    def clear(self) -> None:
-        self.bufs.clear()
-
-
-_SCRATCH = _Scratch()
-
-
-def _f32_operand(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32 for immediate use as an operand (a scratch copy; ``t`` itself if float32)."""
-    if t.dtype == torch.float32:
-        return t
-    buf = _SCRATCH.get("operand", t.shape)
-    return t.float() if buf is None else buf.copy_(t)
-
-
-# Both helpers convert every operand to float32 before the arithmetic: torch's CPU kernels for
-# mixed-dtype arithmetic (bf16 + f32) take a scalar slow path, ~10x slower than converting first.
-def diff32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a - b`` in float32 as a new tensor (never modifies the inputs, which steps may share)."""
-    if a.dtype == torch.float32:
-        return torch.sub(a, _f32_operand(b))
-    return a.float().sub_(_f32_operand(b))
-
-
-def add32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, *, scratch: bool = False) -> torch.Tensor:
-    """``a + alpha * b`` in float32 (``b`` float32); the inputs are not modified.
-
-    A new tensor, or with ``scratch=True`` (for a step's output piece, which :func:`run_steps`
-    consumes before the next step computes) the calling thread's reused output buffer, valid
-    until the next ``add32(..., scratch=True)`` on that thread. Same arithmetic either way.
-    """
-    out = _SCRATCH.get("out", a.shape) if scratch else None
-    if out is None:
-        if a.dtype == torch.float32:
-            return torch.add(a, b, alpha=alpha) if alpha != 1 else torch.add(a, b)
-        return a.float().add_(b, alpha=alpha) if alpha != 1 else a.float().add_(b)
-    out.copy_(a)
-    return out.add_(b, alpha=alpha) if alpha != 1 else out.add_(b)
+    def give_back(self, buf: torch.Tensor) -> None:
+        keep = self.buffer_bytes // (CHUNK_ELEMS * buf.dtype.itemsize) + 2  # the most in flight, and one each side
+        with self.lock:
+            free = self.free.setdefault(buf.dtype, [])
+            if len(free) < keep:
+                free.append(buf)
 
 
 class _Reader:
@@ -309,7 +275,7 @@ def run_steps(
     try:
         run.run()
     finally:
-        _SCRATCH.clear()
+        SCRATCH.clear()
         torch.set_num_threads(threads)
         run.close()
 
@@ -328,6 +294,7 @@ class _Run:
         self.reads_ahead: deque[tuple[Step, list[int], Future[list[torch.Tensor]], int]] = deque()
         self.writes: deque[tuple[Future[None], int]] = deque()
         self.read_bytes = self.write_bytes = 0
+        self.recycled = _Recycled(buffer_bytes)
 
     def run(self) -> None:
         self.fill()
@@ -370,7 +337,7 @@ class _Run:
         if self.check_finite and step.check_inputs and not all(_finite(t) for t in tensors if t.is_floating_point()):
             raise _blame(step, tensors, "(inputs)")
         outs = list(step.compute(tensors))
-        if sum(_SCRATCH.owns(t) for _, _, t in outs) > 1:
+        if sum(SCRATCH.owns(t) for _, _, t in outs) > 1:
             raise RuntimeError("a step yielded several pieces in the scratch buffer (add32(scratch=True)); "
                                "this is a deltamoe bug")
         for name, start, t in outs:
@@ -379,18 +346,19 @@ class _Run:
             if self.check_finite and t.is_floating_point() and not _finite(t):
                 raise _blame(step, tensors, name)
             dt = torch_dtype(self.planned[name].dtype)
-            if t.dtype != dt:
-                t = t.to(dt)  # the one rounding to the output dtype
-            elif _SCRATCH.owns(t):
-                t = t.clone()  # the writer runs later; the buffer is reused by the next step
-            self.queue_write(name, start, t)
-            del t
+            buf = None
+            if t.dtype != dt or SCRATCH.owns(t):
+                # the one rounding to the output dtype; a scratch piece is copied because the writer
+                # runs later and the next step reuses the scratch buffer
+                t, buf = self.recycled.cast(t, dt)
+            self.queue_write(name, start, t, buf)
+            del t, buf
 
-    def queue_write(self, name: str, start: int | None, t: torch.Tensor) -> None:
+    def queue_write(self, name: str, start: int | None, t: torch.Tensor, buf: torch.Tensor | None = None) -> None:
         # Bound the output waiting for the writer; surface writer errors early.
         while self.writes and (self.writes[0][0].done() or self.write_bytes + t.nbytes > self.buffer_bytes):
             self.retire()
-        self.writes.append((self.write_pool.submit(self.write, name, start, t), t.nbytes))
+        self.writes.append((self.write_pool.submit(self.write, name, start, t, buf), t.nbytes))
         self.write_bytes += t.nbytes
 
     def retire(self) -> None:
@@ -400,11 +368,14 @@ class _Run:
         self.write_bytes -= wn
         self.bar.update(wn)
 
-    def write(self, name: str, start: int | None, t: torch.Tensor) -> None:
+    def write(self, name: str, start: int | None, t: torch.Tensor, buf: torch.Tensor | None) -> None:
         if start is None:
             self.writer.write(name, t)
         else:
             self.writer.write_rows(name, start, t)
+        if buf is not None:
+            del t  # the piece is a view of buf: written, so buf is free
+            self.recycled.give_back(buf)
 
     def close(self) -> None:
         for pending in [*(x[2] for x in self.reads_ahead), *(w[0] for w in self.writes)]:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from deltamoe import __version__, arch
 from deltamoe.io import Checkpoint, ShardedWriter, atomic_output_dir, check_output, open_checkpoint, write_json
-from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, diff32, row_chunks, run_steps
+from deltamoe.arith import diff32
+from deltamoe.engine import DEFAULT_BUFFER_BYTES, Read, Step, row_chunks, run_steps
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.inspect_output import Acc, Target, format_table, plot, summary_rows, table_rows, totals
 from deltamoe.ops.common import check_float, natural_key

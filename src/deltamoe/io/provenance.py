@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from deltamoe.errors import CheckpointError
 MANIFEST_NAME = "deltamoe.json"
 FORMAT_VERSION = 1
 _CHUNK = 2**20
+_HASH_THREADS = 4  # files hashed at once, at most (and at most one per core)
 
 
 # Files at least this large have their sha256 cached (see _hash_cache_key).
@@ -60,7 +62,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     if entry is not None and _hash_cache_key(path)[0] == key:  # unchanged while we read it
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{key}.{os.getpid()}")
+            tmp = entry.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}")
             tmp.write_text(digest + "\n")
             os.replace(tmp, entry)
         except OSError:
@@ -78,25 +80,50 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _weight_files(ckpt: Checkpoint) -> list[str]:
+    """The files that define a checkpoint's weights and config, sorted."""
+    names = [CONFIG_NAME, *(p.name for p in ckpt.shard_files)]
+    if (ckpt.path / INDEX_NAME).is_file():
+        names.append(INDEX_NAME)
+    return sorted(names)
+
+
+def _describe(ckpt: Checkpoint, files: dict[str, str]) -> dict[str, Any]:
+    digest = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in files.items()).encode()).hexdigest()
+    return {"path": str(ckpt.path.absolute()), "sha256": digest, "files": files}
+
+
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     """Path and sha256 of every file that defines a checkpoint's weights and config.
 
     ``sha256`` is a digest of the sorted ``name:sha256`` lines, one identifier for the model.
     """
-    names = [CONFIG_NAME, *(p.name for p in ckpt.shard_files)]
-    if (ckpt.path / INDEX_NAME).is_file():
-        names.append(INDEX_NAME)
-    files = {n: sha256_file(ckpt.path / n) for n in sorted(names)}
-    digest = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in files.items()).encode()).hexdigest()
-    return {"path": str(ckpt.path.absolute()), "sha256": digest, "files": files}
+    return _describe(ckpt, {n: sha256_file(ckpt.path / n) for n in _weight_files(ckpt)})
+
+
+def _yield_the_cpu() -> None:
+    # Linux keeps a nice value per thread: at 19 the hashing threads take the cycles that the work
+    # they run beside leaves idle and finish on every core once it is done, instead of taking a
+    # fair share from its critical thread (measured on 2 cores: docs/design.md#input-hashing).
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass  # not Linux, or not permitted: hashing runs at normal priority
 
 
 def hash_in_background(*ckpts: Checkpoint) -> Future[list[dict[str, Any]]]:
-    """Start hashing the inputs on a worker thread; the caller collects the result at the end."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltamoe-sha256")
-    fut = pool.submit(lambda: [describe_checkpoint(c) for c in ckpts])
+    """Start hashing the inputs' files on low-priority worker threads (one file per task, in input
+    order); the caller collects the descriptions, as :func:`describe_checkpoint` gives them, at the end."""
+    workers = max(1, min(_HASH_THREADS, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltamoe-sha256", initializer=_yield_the_cpu)
+    names = [_weight_files(c) for c in ckpts]
+    digests = [[pool.submit(sha256_file, c.path / n) for n in ns] for c, ns in zip(ckpts, names)]
     pool.shutdown(wait=False)
-    return fut
+    waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltamoe-sha256-collect")
+    result = waiter.submit(lambda: [_describe(c, {n: f.result() for n, f in zip(ns, fs)})
+                                    for c, ns, fs in zip(ckpts, names, digests)])
+    waiter.shutdown(wait=False)
+    return result
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from deltamoe.io import Checkpoint, open_checkpoint
-from deltamoe.engine import Read, f32
+from deltamoe.arith import f32
+from deltamoe.engine import Read
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.ops.common import natural_key
 from deltamoe.ops.sources import STRUCTURAL, ArtifactDelta, DeltaSource, PairDelta, Reads, RowsOfBase, added_rows

@@ -36,7 +36,8 @@ import torch
 
 from deltamoe.io import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Checkpoint, TensorSpec, dtype_code, open_checkpoint
 from deltamoe.choices import METHODS, Method, Rescale
-from deltamoe.engine import Out, Read, Step, add32, row_chunks
+from deltamoe.arith import add32
+from deltamoe.engine import Out, Read, Step, row_chunks
 from deltamoe.errors import CheckpointError, UsageError
 from deltamoe.ops.common import (
     check_dtype_arg,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from deltamoe.choices import Rescale
-from deltamoe.engine import f32
+from deltamoe.arith import f32
 from deltamoe.ops.common import seeded_generator
 
 SPARSE = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}  # method -> how it drops entries

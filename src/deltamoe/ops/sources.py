@@ -16,7 +16,8 @@ import torch
 
 from deltamoe import arch
 from deltamoe.io import Checkpoint, TensorSpec
-from deltamoe.engine import Read, diff32, is_float
+from deltamoe.arith import diff32
+from deltamoe.engine import Read, is_float
 from deltamoe.errors import ArchitectureError, CheckpointError
 from deltamoe.io.provenance import read_manifest
 

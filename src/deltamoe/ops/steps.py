@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec
-from deltamoe.engine import Out, Read, Step, add32, row_chunks, run_steps
+from deltamoe.arith import add32
+from deltamoe.engine import Out, Read, Step, row_chunks, run_steps
 from deltamoe.ops.sources import DeltaSource
 from deltamoe.io.output import Finished, write_output
 
