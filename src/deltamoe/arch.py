@@ -16,9 +16,10 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from deltamoe.errors import ArchitectureError
+from deltamoe.strict import Strict
 
 Role = Literal["gate", "up", "down"]
 ROLES: tuple[Role, ...] = ("gate", "up", "down")
@@ -35,11 +36,7 @@ _SEMANTIC_GENERIC_KEYS = frozenset({"tie_word_embeddings", "bos_token_id", "eos_
 _FORBIDDEN_KEYS = {"auto_map": "it needs trust_remote_code", "quantization_config": "deltamoe needs unquantized weights"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Requirement(_Strict):
+class Requirement(Strict):
     """A dense config field that must have a given value (when present) to be convertible."""
 
     field: str
@@ -59,14 +56,14 @@ class Requirement(_Strict):
         return not isinstance(value, list) or any(v != self.each for v in value)
 
 
-class InertTensor(_Strict):
+class InertTensor(Strict):
     """A tensor the MoE architecture requires but that must contribute nothing (written as zeros)."""
 
     name: str
     shape: list[int | str]  # ints, or config field names of the MoE config
 
 
-class ConfigMapping(_Strict):
+class ConfigMapping(Strict):
     experts_field: str
     top_k_field: str
     expert_intermediate_field: str | None
@@ -77,7 +74,7 @@ class ConfigMapping(_Strict):
     carry: list[str]
 
 
-class ArchSpec(_Strict):
+class ArchSpec(Strict):
     family: str
     description: str
     dense_model_types: list[str]

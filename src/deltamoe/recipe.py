@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from deltamoe.strict import Strict
 
 
 Baseline = Literal[
@@ -21,11 +23,7 @@ ALL_BASELINES: tuple[str, ...] = Baseline.__args__  # type: ignore[attr-defined]
 MERGE_BASELINES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class ToySpec(_Strict):
+class ToySpec(Strict):
     """Build the toy world and take B, P, corpora and evaluation sets from it."""
 
     size: Literal["micro", "small"] = "small"
@@ -50,7 +48,7 @@ class ToySpec(_Strict):
         return self.post if self.arch == "llama" else f"{self.arch}-{self.post}"
 
 
-class CeilingSpec(_Strict):
+class CeilingSpec(Strict):
     """The alignment ceiling: B' post-trained on chat data in every language (toy only), with the
     toy's own post-training recipe. Defaults: the toy's instruct recipe's steps once per language
     (P spends them all on the original language), its lr and batch, and its language-model replay rows per step, drawn
@@ -62,12 +60,12 @@ class CeilingSpec(_Strict):
     lm_rows: int | None = Field(None, ge=0, description="Language-model replay rows per step (0: none).")
 
 
-class ModelsSpec(_Strict):
+class ModelsSpec(Strict):
     base: str = Field(description="Dense base model B (local path or Hub id).")
     post: str = Field(description="Post-trained model P of the same family (instruct, SFT, reasoning...).")
 
 
-class LanguagesSpec(_Strict):
+class LanguagesSpec(Strict):
     original: list[str] = Field(min_length=1, description="Languages B and P already serve (routed to expert 0).")
     new: list[str] = Field(min_length=1, description="Languages to add.")
 
@@ -84,7 +82,7 @@ class LanguagesSpec(_Strict):
         return [*self.original, *self.new]
 
 
-class UpcycleSpec(_Strict):
+class UpcycleSpec(Strict):
     experts: int = Field(4, ge=2)
     top_k: int = Field(2, ge=1)
     layers: str = "all"
@@ -103,7 +101,7 @@ class UpcycleSpec(_Strict):
         return self
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     """One training stage; the sections are those of ``deltamoe train`` configs (see docs/training.md)."""
 
     data: dict[str, Any] = Field(description="Data section of a train config; '{toy}' in paths is the toy build.")
@@ -118,7 +116,7 @@ class TrainSpec(_Strict):
                                     "language (docs/training.md).")
 
 
-class TrainStages(_Strict):
+class TrainStages(Strict):
     post_pretrain: TrainSpec
     router_review: TrainSpec | None = None
     review: Literal["before_graft", "after_graft"] = Field(
@@ -126,7 +124,7 @@ class TrainStages(_Strict):
         "or on the grafted model, whose hidden states are the ones served.")
 
 
-class DenseCptSpec(_Strict):
+class DenseCptSpec(Strict):
     """Dense continued pre-training (the baselines' B'). Default data and steps: stage 1's."""
 
     data: dict[str, Any] | None = None
@@ -135,7 +133,7 @@ class DenseCptSpec(_Strict):
     distributed: dict[str, Any] | None = Field(None, description="Default: stage 1's.")
 
 
-class BlockExpansionSpec(_Strict):
+class BlockExpansionSpec(Strict):
     """The parameter-matched dense baseline (LLaMA-Pro, docs/expand.md): B with new identity decoder
     blocks, only those trained on stage 1's data, then Δ grafted onto the original blocks."""
 
@@ -146,20 +144,20 @@ class BlockExpansionSpec(_Strict):
     logging: dict[str, Any] = Field(default_factory=dict)
 
 
-class GraftSpec(_Strict):
+class GraftSpec(Strict):
     experts: str = Field("all", description="all | original | new | comma-separated expert ids")
     scale: float = 1.0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class MergeSpec(_Strict):
+class MergeSpec(Strict):
     weights: tuple[float, float] = Field((1.0, 1.0), description="Weights of (B', P) task vectors.")
     density: float = Field(0.5, gt=0, le=1)
     lambda_: float = Field(1.0, alias="lambda")
     seed: int = 0
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     suites: list[Literal["toy", "lm_eval"]] = Field(default_factory=lambda: ["toy"], min_length=1)
     toy_data: str | None = Field(None, description="Toy build with the eval sets (default: the recipe's toy).")
     lm_eval_tasks: list[str] = Field(default_factory=list)
@@ -174,7 +172,7 @@ class EvalSpec(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
     workdir: str | None = Field(None, description="Default: runs/<name> next to the recipe.")
     seed: int = 0

@@ -12,18 +12,16 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from deltamoe.strict import Strict
 
 # Bump when the generator, the tokenizer recipe or the training recipe changes in a way that
 # changes outputs: it is part of the cache key, and the shipped set is rebuilt when it changes.
 GENERATOR_VERSION = 2
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelShape(_Strict):
+class ModelShape(Strict):
     """Llama-architecture shape of the toy base model."""
 
     hidden_size: int = Field(gt=0)
@@ -47,7 +45,7 @@ class ModelShape(_Strict):
         return self
 
 
-class TrainPhase(_Strict):
+class TrainPhase(Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
@@ -55,7 +53,7 @@ class TrainPhase(_Strict):
     checkpoint_every: int = Field(default=0, ge=0)  # steps between resumable checkpoints (0: none)
 
 
-class PostTraining(_Strict):
+class PostTraining(Strict):
     """One post-training recipe: chat data in the original language (and, for ``ceiling``-like
     uses, others), the loss on assistant tokens, plus language-model replay."""
 
@@ -65,7 +63,7 @@ class PostTraining(_Strict):
     seed_offset: int = Field(ge=0)  # the chat data and its order are drawn from seed + offset
 
 
-class ToyConfig(_Strict):
+class ToyConfig(Strict):
     """Everything that determines a toy build besides the seed."""
 
     name: str

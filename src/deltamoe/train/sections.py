@@ -8,26 +8,12 @@ deltamoe.train.config; each helper of the training code takes the section it rea
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from deltamoe.errors import UsageError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # Fields added after configs were first recorded in outputs' provenance and in stage digests (the
-    # cache keys): left out of every dump while they hold their default, so those stay as they were.
-    left_out_at_default: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        for name in self.left_out_at_default:
-            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
-                out.pop(name, None)
-        return out
+from deltamoe.strict import Strict
 
 
 class SourceConfig(Strict):
