@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deltamoe.config_files import set_dotted
+from deltamoe.config_files import read_yaml_mapping, set_dotted
 from deltamoe.errors import UsageError
 
 class StudySpec(BaseModel):
@@ -91,7 +91,7 @@ def _base_recipe(spec: StudySpec, sdir: Path) -> tuple[dict[str, Any], Path]:
 
     path = Path(spec.recipe) if Path(spec.recipe).is_absolute() else sdir / spec.recipe
     _, rdir = load_recipe(path)  # a clear error for a missing or invalid recipe
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml_mapping(path, "recipe")
     models = raw.get("models") or {}
     for role in ("base", "post"):  # local model paths are relative to the original recipe
         if isinstance(models.get(role), str) and (rdir / models[role]).exists():
