@@ -302,6 +302,37 @@ def test_background_hashing_matches_describe_checkpoint_and_yields_the_cpu(dense
         prov.hash_in_background(broken).result()
 
 
+def test_cancel_hashing_drops_the_files_not_yet_hashed(dense_model, tmp_path: Path, monkeypatch) -> None:
+    import threading
+    from concurrent.futures import CancelledError
+
+    import deltamoe.io.provenance as prov
+    from deltamoe.io import Checkpoint
+
+    monkeypatch.setenv("DELTAMOE_HASH_CACHE", "0")
+    w = _world(dense_model, tmp_path, "llama-untied-gqa")
+    ckpts = [Checkpoint(w[k]) for k in ("M", "B", "P")] * 4
+    n_files = sum(len(prov._weight_files(c)) for c in ckpts)
+    gate, entered = threading.Event(), threading.Event()
+    hashed: list[str] = []
+
+    def slow(path):
+        entered.set()
+        gate.wait(10)  # every worker stops at its first file until the test has cancelled
+        hashed.append(str(path))
+        return "0" * 64
+
+    monkeypatch.setattr(prov, "sha256_file", slow)
+    fut = prov.hash_in_background(*ckpts)
+    assert entered.wait(10)
+    prov.cancel_hashing(fut)
+    gate.set()
+    with pytest.raises(CancelledError):
+        fut.result(timeout=30)
+    workers = min(prov._HASH_THREADS, os.cpu_count() or 1)
+    assert 0 < len(hashed) <= workers < n_files  # only the files already being hashed were finished
+
+
 # -- bad input: a clear error naming the tensor or file, exit 1, nothing written ---------------
 def _graft_cli(out: Path, *args: str) -> tuple[int, str]:
     res = runner.invoke(app, ["graft", str(out), *args, "-q"])

@@ -34,7 +34,7 @@ from deltamoe.io import (
     write_json,
 )
 from deltamoe.preflight import check_output_disk
-from deltamoe.io.provenance import hash_in_background, write_manifest, write_model_card
+from deltamoe.io.provenance import cancel_hashing, hash_in_background, write_manifest, write_model_card
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,11 @@ def write_output(
         check_output_disk(out_path, specs, aux.aux_files())
     hashes = inputs if isinstance(inputs, Future) else hash_in_background(*inputs)
     with atomic_output_dir(out_path, force=force) as tmp:
-        write_shards(tmp, specs, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        try:
+            write_shards(tmp, specs, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        except BaseException:
+            cancel_hashing(hashes)  # an error or a signal: do not wait for the rest of the inputs' hashes
+            raise
         done = finish(hashes.result())
         if isinstance(done.config, Path):
             shutil.copyfile(done.config, tmp / "config.json")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,19 @@ def hash_in_background(*ckpts: Checkpoint) -> Future[list[dict[str, Any]]]:
     result = waiter.submit(lambda: [_describe(c, {n: f.result() for n, f in zip(ns, fs)})
                                     for c, ns, fs in zip(ckpts, names, digests)])
     waiter.shutdown(wait=False)
+    _FILE_TASKS[result] = [f for fs in digests for f in fs]
     return result
+
+
+# The per-file tasks behind each hash_in_background result, for cancel_hashing.
+_FILE_TASKS: weakref.WeakKeyDictionary[Future[Any], list[Future[str]]] = weakref.WeakKeyDictionary()
+
+
+def cancel_hashing(hashes: Future[Any]) -> None:
+    """Drop the files not yet hashed for ``hashes`` (an operation that failed will not need them):
+    the process then exits once the files being hashed are done, not after every input."""
+    for f in _FILE_TASKS.pop(hashes, []):
+        f.cancel()
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
