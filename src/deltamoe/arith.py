@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-# Elements of one scratch buffer: one chunk of the engine's elementwise work (engine.CHUNK_ELEMS).
-# Larger pieces (whole-tensor work: TIES, DARE) allocate instead.
+# Elements of one scratch buffer, and of one of the engine's recycled output buffers: one chunk of
+# its elementwise work (engine.CHUNK_ELEMS). Larger pieces (whole-tensor work: TIES, DARE) allocate instead.
 SCRATCH_ELEMS = 1 << 20
 
 

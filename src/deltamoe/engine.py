@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe._memory import return_large_frees_to_os
-from deltamoe.arith import SCRATCH
+from deltamoe.arith import SCRATCH, SCRATCH_ELEMS
 from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
 from deltamoe.errors import CheckpointError
 
@@ -135,20 +135,19 @@ class _Recycled:
 
     def cast(self, t: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``t`` rounded to ``dt`` (a copy), in a recycled buffer when it fits one; and that buffer."""
-        cap = CHUNK_ELEMS * dt.itemsize
-        if t.numel() * dt.itemsize > cap:
+        if t.numel() > SCRATCH_ELEMS:  # larger than a chunk (whole-tensor work): allocated, not kept
             return (t.to(dt) if t.dtype != dt else t.clone()), None
         with self.lock:
             free = self.free.get(dt)
             buf = free.pop() if free else None
         if buf is None:
-            buf = torch.empty(CHUNK_ELEMS, dtype=dt)
+            buf = torch.empty(SCRATCH_ELEMS, dtype=dt)
         out = buf[: t.numel()].view(t.shape)
         out.copy_(t)  # the same rounding as t.to(dt)
         return out, buf
 
     def give_back(self, buf: torch.Tensor) -> None:
-        keep = self.buffer_bytes // (CHUNK_ELEMS * buf.dtype.itemsize) + 2  # the most in flight, and one each side
+        keep = self.buffer_bytes // (SCRATCH_ELEMS * buf.dtype.itemsize) + 2  # the most in flight, and one each side
         with self.lock:
             free = self.free.setdefault(buf.dtype, [])
             if len(free) < keep:
