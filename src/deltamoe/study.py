@@ -30,14 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from deltamoe.config_files import read_yaml_mapping, set_dotted
 from deltamoe.errors import UsageError
+from deltamoe.strict import Strict
 
-class StudySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
+class StudySpec(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
     recipe: str = Field(description="'demo' (the packaged demo recipe) or a recipe YAML, relative to the study file.")
     seeds: list[int] = Field(min_length=1, description="Training seeds (the recipe's seed field).")
