@@ -186,6 +186,33 @@ def test_same_seed_gives_byte_identical_corpora_and_shards(tmp_path: Path, toy_m
     assert _sha(other / "base" / "model.safetensors") != _sha(toy_micro / "base" / "model.safetensors")
 
 
+def test_toy_configs_carry_no_library_stamp(toy_micro: Path, tmp_path: Path) -> None:
+    """A toy model's config files do not record which transformers release wrote them (a rebuild
+    with another release gives the same bytes); the release is in toy.json, and the configs load."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from deltamoe.toy.shipped import shipped_dir
+    from deltamoe.toy.train import STAMPED, drop_version_stamps
+
+    shipped = shipped_dir("small", 0)
+    assert shipped is not None
+    for root in (toy_micro, shipped):
+        manifest = json.loads((root / "toy.json").read_text())
+        assert manifest["transformers_version"]
+        for name in manifest["models"]:
+            for f in STAMPED:
+                assert "transformers_version" not in json.loads((root / name / f).read_text()), (root, name, f)
+        assert AutoConfig.from_pretrained(root / "instruct").model_type == "llama"
+        assert GenerationConfig.from_pretrained(root / "instruct").eos_token_id is not None
+    # the stamp goes, everything else stays
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"b": 1, "a": [2], "transformers_version": "0.0"}))
+    drop_version_stamps(d)
+    assert json.loads((d / "config.json").read_text()) == {"a": [2], "b": 1}
+    assert not (d / "generation_config.json").exists()
+
+
 @pytest.mark.slow
 def test_rebuild_with_same_key_is_a_noop_and_other_key_is_refused(toy_micro: Path) -> None:
     from deltamoe.toy import build

@@ -209,6 +209,7 @@ def _train_into(staging: Path, final: Path, cfg: ToyConfig, seed: int, key: str,
     """Train every model of the build into ``staging`` (resuming what a killed build left there)
     and write the corpora; returns the manifest."""
     import torch
+    import transformers
 
     from deltamoe.toy.tokenizer import DOC_SEP, train_tokenizer
 
@@ -269,6 +270,7 @@ def _train_into(staging: Path, final: Path, cfg: ToyConfig, seed: int, key: str,
         "training": history,
         "files": files,
         "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,  # the configs carry no stamp of it
     }
 
 
@@ -368,6 +370,7 @@ def _save_model(model: Any, tokenizer: Any, directory: Path) -> None:
     from transformers import GenerationConfig
 
     from deltamoe.evaluate.run import hf_progress
+    from deltamoe.toy.train import drop_version_stamps
 
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
@@ -377,4 +380,5 @@ def _save_model(model: Any, tokenizer: Any, directory: Path) -> None:
     with hf_progress(False):
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    drop_version_stamps(tmp)
     tmp.rename(directory)

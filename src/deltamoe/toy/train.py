@@ -45,6 +45,26 @@ def default_threads() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+# The files of a saved model that ``save_pretrained`` stamps with the installed transformers release.
+STAMPED = ("config.json", "generation_config.json")
+
+
+def drop_version_stamps(directory: Path) -> None:
+    """Remove the ``transformers_version`` field that ``save_pretrained`` writes into a model's
+    config files, so that a toy build's bytes depend on the generator, the seed and the kernels,
+    not on which transformers release wrote them (the release is recorded in the provenance).
+    transformers and vLLM load configs without it."""
+    import json
+
+    for name in STAMPED:
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if cfg.pop("transformers_version", None) is not None:
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def make_model(shape: ModelShape, tokenizer: Any, seed: int) -> Any:
     """A freshly initialised causal LM (float32) of ``shape.family`` for ``tokenizer``'s vocabulary:
     ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` (per-head q/k RMS norms, explicit head_dim)."""
