@@ -55,29 +55,74 @@ def toy_small_regime(toy_small: Path) -> dict:
     return measure(toy_small, progress=False, write=False)
 
 
+class _DemoRun:
+    """tests/demo_run.py in a process of its own, on one intra-op thread, with its log in its work
+    directory."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import tempfile
+
+        self.work = Path(tempfile.mkdtemp(prefix="deltamoe-demo-small-"))
+        self._log = open(self.work / "run.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "demo_run.py"), str(self.work)],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def result(self) -> dict:
+        import json
+
+        rc = self.proc.wait()
+        self._log.close()
+        if rc != 0:
+            tail = (self.work / "run.log").read_text()[-3000:]
+            pytest.fail(f"the demo run (tests/demo_run.py) exited {rc}; its log ends:\n{tail}", pytrace=False)
+        return json.loads((self.work / "results.json").read_text())
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+_DEMO_RUN = pytest.StashKey[_DemoRun]()
+
+
+def _reads_demo_run(item: pytest.Item) -> bool:
+    return "demo_small_run" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """When a selected test reads the demo run, start it now beside the suite: it gets one core, the
+    suite the others (at least one), and its tests run last."""
+    demo = [item for item in items if _reads_demo_run(item)]
+    if not demo or config.option.collectonly:
+        return
+    items[:] = [item for item in items if not _reads_demo_run(item)] + demo
+    config.stash[_DEMO_RUN] = _DemoRun()
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - 1))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(_DEMO_RUN, None)
+    if run is not None:
+        run.close()
+
+
 @pytest.fixture(scope="session")
-def demo_small_run(tmp_path_factory: pytest.TempPathFactory, toy_small: Path) -> dict:
-    """The demo recipe on the shipped toy with DeltaMoE and the ceiling as its only systems: its
-    routing defaults (stage 1, router review, graft) and B' with the ceiling's chat post-training,
-    run once by the pipeline for the tests that read them (tests/test_allocation.py, the ceiling
-    test of tests/test_toy.py). Returns the run's results.json."""
-    import json
-    import shutil
-
-    import yaml
-
-    from deltamoe.demo import demo_recipe_text
-    from deltamoe.pipeline.graph import build_plan
-    from deltamoe.pipeline.run import run_recipe
-    from deltamoe.recipe import load_recipe
-
-    work = tmp_path_factory.mktemp("demo-small")
-    r = yaml.safe_load(demo_recipe_text())
-    assert r["toy"]["size"] == "small"
-    r["baselines"] = ["ceiling"]
-    recipe = work / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(r))
-    stages, _, _ = build_plan(*load_recipe(recipe))
-    shutil.copytree(toy_small, stages[0].out)  # the toy stage's output: the session's shipped build
-    run_recipe(recipe, progress=False, log=lambda m: None)
-    return json.loads((work / "results.json").read_text())
+def demo_small_run(request: pytest.FixtureRequest) -> dict:
+    """The results.json of tests/demo_run.py: the demo recipe on the shipped toy with DeltaMoE and
+    the ceiling as its only systems, run once for the tests that read it (tests/test_allocation.py,
+    the ceiling test of tests/test_toy.py)."""
+    run = request.config.stash.get(_DEMO_RUN, None)
+    if run is None:  # not seen at collection (e.g. requested dynamically): run it now
+        run = request.config.stash[_DEMO_RUN] = _DemoRun()
+    return run.result()

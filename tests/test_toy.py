@@ -14,9 +14,10 @@ thresholds, and why:
   chat only, and the base is weak in the new languages; a 0.4 gap is far outside the noise of
   400 items (95 % interval about +-0.05).
 - continued pre-training of the base on one new language (200 steps on its CPT corpus)
-  lowers that language's held-out perplexity by at least 30 %: the base saw 3 % of such text,
-  so a short CPT run must help a lot; 30 % is well clear of run-to-run noise (which is zero
-  here: everything is seeded) and of the drift that training on any text would cause.
+  lowers that language's held-out perplexity by at least 30 %: the base saw 3 % of such text
+  when this bar was set (1.2 % in the shipped set), so a short CPT run must help a lot; 30 % is
+  well clear of run-to-run noise (which is zero here: everything is seeded) and of the drift that
+  training on any text would cause. The shipped set misses it (CPT_KNOWN_MISS below).
 - the ceiling (B' post-trained on chat data in every language) reaches >= 0.6 chat QA in every
   new language and at least 0.2 above P: the toy can separate systems.
 """

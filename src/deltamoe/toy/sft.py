@@ -61,10 +61,10 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     documents of ``lm_files`` (language-model loss, weighted ``lm_weight``): the replay the toy's
     own post-training recipe uses, so that chat fine-tuning does not wreck the language model.
 
-    It trains on ``threads`` intra-op threads (default: up to 2, as the pipeline's other training
-    stages can use). Unlike the toy's own models (one thread, so that the shipped bytes do not depend
-    on the build's cores), the ceiling is a pipeline stage: on a 2-core machine 2 threads train it
-    1.4 times as fast, to the same bytes as 1 thread (checked on the demo's ceiling)."""
+    It trains on ``threads`` intra-op threads (default: the process's count, as the pipeline's other
+    training stages do). The toy's own models train on one thread, so that the shipped bytes do not
+    depend on the build's cores; the ceiling is a pipeline stage, and on 2 cores 2 threads train the
+    demo's ceiling 1.2 times as fast as one, to the same bytes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +73,7 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     from deltamoe.io.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
     from deltamoe.toy.config import TrainPhase
     from deltamoe.toy.tokenizer import DOC_SEP
-    from deltamoe.toy.train import chat_batches, default_threads, deterministic, drop_version_stamps, encode_chat, packed_batches, train_loop
+    from deltamoe.toy.train import chat_batches, deterministic, drop_version_stamps, encode_chat, packed_batches, train_loop
 
     check_output(out, force=False)
     conversations = read_chat(chat_file)
@@ -91,7 +91,7 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
         stream = torch.tensor([i for enc in encs for i in (*enc.ids, sep)], dtype=torch.long)
         text_at = packed_batches(stream, seq_len, lm_rows, seed + 1)
         step_at = lambda step: [(1.0, chat_at(step)), (lm_weight, text_at(step))]  # noqa: E731
-    with deterministic(threads or default_threads()), hf_progress(False):
+    with deterministic(threads or torch.get_num_threads()), hf_progress(False):
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         train_loop(lm, step_at, phase, desc="chat sft", progress=progress)
     with atomic_output_dir(out) as tmp, hf_progress(False):
