@@ -446,7 +446,7 @@ def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_small: Path) -> N
     corpus = [json.loads(line)["text"] for line in (toy_small / "cpt" / f"{lang}.jsonl").open()][:8000]
     sep = tok.convert_tokens_to_ids(DOC_SEP)
     stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
-    with deterministic(2):
+    with deterministic(1):
         model = AutoModelForCausalLM.from_pretrained(toy_small / "base", dtype=torch.float32)
         before = perplexity(model, tok, held_out)["ppl"]
         train_loop(model, packed_batches(stream, 128, 16, seed=0), TrainPhase(steps=200, batch_size=16, lr=1e-3, warmup=10),
