@@ -296,6 +296,26 @@ def test_wilson_interval_matches_the_formula() -> None:
     assert (hi - lo) / 2 < 0.05
 
 
+def test_batched_encoding_gives_the_ids_of_one_pair_at_a_time(toy_micro: Path) -> None:
+    """encode_pairs (the path scoring uses) splits every (prompt, option) as encode_pair does, on
+    every multiple-choice item of the micro toy; trailing spaces of a prompt move to its
+    continuation; and a padded batch call before it (chat QA pads its prompts) changes nothing."""
+    from transformers import AutoTokenizer
+
+    from deltamoe.evaluate.mc import DELIMITER, encode_pair, encode_pairs
+
+    tok = AutoTokenizer.from_pretrained(toy_micro / "base")
+    pairs = [(it["prompt"], DELIMITER + opt) for lang in ("en", "vel", "kyr", "tol") for task in ("mc_rc", "mc_facts")
+             for it in map(json.loads, (toy_micro / "eval" / lang / f"{task}.jsonl").open()) for opt in it["options"]]
+    pairs += [("Q: What pet does Ana have? A:  ", "cat"), ("", " cat")]
+    assert len(pairs) > 100
+    expected = [encode_pair(tok, c, x) for c, x in pairs]
+    assert encode_pairs(tok, pairs) == expected
+    tok.padding_side = "left"
+    tok(["a", "a much longer prompt than the first"], padding=True, return_tensors="pt")
+    assert encode_pairs(tok, pairs) == expected
+
+
 def test_multiple_choice_scoring_by_loglikelihood(toy_micro: Path) -> None:
     """The option with the highest summed log-probability wins; the prompt/continuation split is
     lm-eval's (trailing spaces move to the continuation); ties go to the first option."""

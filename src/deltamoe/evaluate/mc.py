@@ -33,14 +33,32 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
+def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` of every (context, continuation), with the same ids: each distinct context
+    is encoded once (an item's options share it) and the strings go to the tokenizer in batches."""
+    split = []
+    for context, continuation in pairs:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        split.append((context, continuation))
+    contexts = list(dict.fromkeys(c for c, _ in split))
+    # Through the tokenizer's own call, which sets padding and truncation off for it: the Rust
+    # backend called directly keeps whatever padding an earlier call (chat QA's) switched on.
+    ctx_ids = dict(zip(contexts, tokenizer(contexts, add_special_tokens=False)["input_ids"], strict=True))
+    wholes = tokenizer([c + x for c, x in split], add_special_tokens=False)["input_ids"]
+    return [(ctx_ids[c], whole[len(ctx_ids[c]):]) for (c, _), whole in zip(split, wholes, strict=True)]
+
+
 @torch.inference_mode()
 def option_loglikelihoods(
     model: Any, tokenizer: Any, items: Sequence[dict[str, Any]], *, batch_size: int = 32,
     progress: bool = False, desc: str = "mc",
 ) -> list[list[float]]:
     """Per item, the summed log-probability of each option's tokens after the item's prompt."""
-    pairs = [(i, encode_pair(tokenizer, it["prompt"], DELIMITER + opt))
-             for i, it in enumerate(items) for opt in it["options"]]
+    owners = [i for i, it in enumerate(items) for _ in it["options"]]
+    pairs = list(zip(owners, encode_pairs(tokenizer, [(it["prompt"], DELIMITER + opt) for it in items
+                                                      for opt in it["options"]]), strict=True))
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[list[float]] = [[] for _ in items]
