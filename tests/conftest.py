@@ -107,8 +107,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[_DEMO_RUN] = _DemoRun()
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - 1))
+    from deltamoe.toy.train import usable_cores
+
+    torch.set_num_threads(max(1, usable_cores() - 1))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

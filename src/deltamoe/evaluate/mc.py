@@ -24,18 +24,12 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     """Token ids of ``context`` and of ``continuation`` after it, as lm-eval splits them:
     trailing spaces of the context move to the continuation, then the whole string is encoded
     and cut at the length of the context's own encoding."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
 
 
 def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """:func:`encode_pair` of every (context, continuation), with the same ids: each distinct context
-    is encoded once (an item's options share it) and the strings go to the tokenizer in batches."""
+    """:func:`encode_pair` of every (context, continuation): each distinct context is encoded once
+    (an item's options share it) and the strings go to the tokenizer in batches."""
     split = []
     for context, continuation in pairs:
         n_spaces = len(context) - len(context.rstrip())

@@ -41,8 +41,13 @@ def deterministic(threads: int) -> Iterator[None]:
         torch.set_num_threads(old_threads)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(2, usable_cores()))
 
 
 # The files of a saved model that ``save_pretrained`` stamps with the installed transformers release.
