@@ -1,14 +1,13 @@
 """Exploration for issue 12's CPT sanity miss: a smaller or less parallel new-language share in
 pre-training (Llama base + instruct only), then B's multiple choice, P's chat QA and the CPT sanity
-check (200 steps on vel, as tests/test_toy.py runs it). Decision rule, fixed before any result:
+check (deltamoe.toy.regime.cpt_sanity: 200 steps on vel). Decision rule, fixed before any result:
 a variant is a candidate for the next generator if the CPT check lowers vel perplexity by >= 30 %
 AND B's lowest new-language MC >= 0.35 AND the MC gap en - new >= 0.25 AND P's highest new-language
 chat QA <= 0.3 and en chat QA >= 0.9."""
 import json, sys, time
 from pathlib import Path
-import torch
 from deltamoe.toy import build
-from deltamoe.toy.config import SIZES, TrainPhase
+from deltamoe.toy.config import SIZES
 V = {"A": (0.006, 0.65), "B": (0.012, 0.30)}
 name = sys.argv[1]
 share, par = V[name]
@@ -23,22 +22,9 @@ from deltamoe.evaluate.run import evaluate
 for m in ("base", "instruct"):
     r = evaluate(out / m, "toy", data=out, out=out / "eval-results" / m, progress=False, qa=(m == "instruct"))
     res[m] = {l: {k: r["languages"][l].get(k) for k in ("mc", "qa", "ppl")} for l in r["languages"]}
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from deltamoe.evaluate.perplexity import perplexity
-from deltamoe.toy.tokenizer import DOC_SEP
-from deltamoe.toy.train import deterministic, packed_batches, train_loop
-tok = AutoTokenizer.from_pretrained(out / "base")
-held = [json.loads(l)["text"] for l in (out / "eval" / "vel" / "ppl.jsonl").open()]
-corpus = [json.loads(l)["text"] for l in (out / "cpt" / "vel.jsonl").open()][:8000]
-sep = tok.convert_tokens_to_ids(DOC_SEP)
-stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
-with deterministic(1):
-    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    before = perplexity(model, tok, held)["ppl"]
-    train_loop(model, packed_batches(stream, 128, 16, seed=0), TrainPhase(steps=200, batch_size=16, lr=1e-3, warmup=10),
-               desc="cpt", progress=False)
-    after = perplexity(model, tok, held)["ppl"]
-res["cpt_vel"] = {"before": before, "after": after, "drop": 1 - after / before}
+from deltamoe.toy.regime import cpt_sanity
+c = cpt_sanity(out)
+res["cpt_vel"] = {k: c[k] for k in ("before", "after", "drop")}
 new = ("vel", "kyr", "tol")
 mc_new = min(res["base"][l]["mc"] for l in new)
 res["checks"] = {"cpt_drop>=0.30": res["cpt_vel"]["drop"] >= 0.30, "B_mc_new_min>=0.35": mc_new >= 0.35,

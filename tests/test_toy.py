@@ -13,11 +13,12 @@ thresholds, and why:
   most 0.3 and at least 0.4 below the original language: P was post-trained on original-language
   chat only, and the base is weak in the new languages; a 0.4 gap is far outside the noise of
   400 items (95 % interval about +-0.05).
-- continued pre-training of the base on one new language (200 steps on its CPT corpus)
-  lowers that language's held-out perplexity by at least 30 %: the base saw 3 % of such text
-  when this bar was set (1.2 % in the shipped set), so a short CPT run must help a lot; 30 % is
+- continued pre-training of the base on one new language (200 steps on its CPT corpus,
+  :func:`deltamoe.toy.regime.cpt_sanity`, also a regime target) lowers that language's held-out
+  perplexity by at least 30 %: the base saw 3 % of such text when this bar was set (1.2 % in the
+  shipped set), so a short CPT run must help a lot; 30 % is
   well clear of run-to-run noise (which is zero here: everything is seeded) and of the drift that
-  training on any text would cause. The shipped set misses it (CPT_KNOWN_MISS below).
+  training on any text would cause.
 - the ceiling (B' post-trained on chat data in every language) reaches >= 0.6 chat QA in every
   new language and at least 0.2 above P: the toy can separate systems.
 """
@@ -380,22 +381,51 @@ def test_regime_targets_hold_on_the_shipped_set(toy_small_regime: dict) -> None:
         _, threshold, op, _ = TARGETS[c["target"]]
         v = c["value"]
         met = {">=": v >= threshold, "<": v < threshold, "<=": v <= threshold}[op]
-        assert met and c["ok"], c
+        assert met == c["ok"], c
+        assert met is ((c["model"], c["target"]) not in REGIME_KNOWN_MISSES), c
         seen.add(c["target"])
     assert seen == set(TARGETS)
     # every model of the build was checked: both bases, all three post-trained models
     assert {c["model"] for c in toy_small_regime["checks"]} == {"base", "instruct", "instruct2", "qwen3-base",
                                                                 "qwen3-instruct"}
-    # the demo's architecture (Llama) meets every target
-    assert all(c["ok"] for c in toy_small_regime["checks"] if c["model"] in ("base", "instruct", "instruct2"))
+    # the demo's architecture (Llama) meets every target but the known misses
+    assert all(c["ok"] for c in toy_small_regime["checks"] if c["model"] in ("base", "instruct", "instruct2")
+               and (c["model"], c["target"]) not in REGIME_KNOWN_MISSES)
+
+
+# (model, target) pairs that the shipped set misses, each stated in docs/toy-world.md. A pair listed
+# here must miss, so the list cannot go stale. The CPT sanity check on generator 2's set: vel
+# perplexity 3.13 -> 2.28 after 200 steps, 27 % lower, short of 30 %.
+REGIME_KNOWN_MISSES: set[tuple[str, str]] = {("base", "cpt_sanity_drop")}
 
 
 @pytest.mark.slow
 def test_regime_matches_the_shipped_record(toy_small: Path, toy_small_regime: dict) -> None:
-    """The numbers in toy.json (and so in the README) are what the shipped models score here."""
+    """The numbers in toy.json (and so in the README) are what the shipped models score here:
+    accuracies and every target's verdict exactly; perplexities (and ratios of them) to 1e-7
+    relative, because a float reduction's order depends on the intra-op thread count (measured:
+    the shipped record and a measure on 2 threads differ by at most 3e-8 relative)."""
     shipped = json.loads((toy_small / "toy.json").read_text())["regime"]
-    assert shipped["scores"] == toy_small_regime["scores"]
-    assert shipped["checks"] == toy_small_regime["checks"]
+    _same_numbers(shipped["scores"], toy_small_regime["scores"])
+    _same_numbers(shipped["checks"], toy_small_regime["checks"])
+    _same_numbers(shipped["cpt_sanity"], toy_small_regime["cpt_sanity"])
+
+
+def _same_numbers(a: object, b: object, where: str = "") -> None:
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same_numbers(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-7), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
 
 
 def test_second_delta_differs_from_the_first() -> None:
@@ -430,39 +460,17 @@ def test_sanity_pattern_base_and_instruct(toy_small_regime: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_small: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_sanity_pattern_cpt_lowers_new_language_perplexity(toy_small_regime: dict) -> None:
+    """``measure`` ran :func:`deltamoe.toy.regime.cpt_sanity` on the shipped base: 200 steps of dense
+    CPT on vel's corpus."""
+    from deltamoe.toy.regime import CPT_SANITY
 
-    from deltamoe.evaluate.perplexity import perplexity
-    from deltamoe.toy.config import TrainPhase
-    from deltamoe.toy.tokenizer import DOC_SEP
-    from deltamoe.toy.train import deterministic, packed_batches, train_loop
-
-    lang = "vel"
-    tok = AutoTokenizer.from_pretrained(toy_small / "base")
-    held_out = [json.loads(line)["text"] for line in (toy_small / "eval" / lang / "ppl.jsonl").open()]
-    orig_held_out = [json.loads(line)["text"] for line in (toy_small / "eval" / ORIG / "ppl.jsonl").open()]
-    corpus = [json.loads(line)["text"] for line in (toy_small / "cpt" / f"{lang}.jsonl").open()][:8000]
-    sep = tok.convert_tokens_to_ids(DOC_SEP)
-    stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
-    with deterministic(1):
-        model = AutoModelForCausalLM.from_pretrained(toy_small / "base", dtype=torch.float32)
-        before = perplexity(model, tok, held_out)["ppl"]
-        train_loop(model, packed_batches(stream, 128, 16, seed=0), TrainPhase(steps=200, batch_size=16, lr=1e-3, warmup=10),
-                   desc="cpt", progress=False)
-        after = perplexity(model, tok, held_out)["ppl"]
-        orig_after = perplexity(model, tok, orig_held_out)["ppl"]
-    assert after < before, (before, after)
-    # Known miss on the shipped set: 3.13 -> 2.29, 27 % lower, short of the 30 % bar (the base reads
-    # the new languages better than the old toy's did; lowering their share of pre-training from 1.5 %
-    # to 1.2 % moved the base's perplexity only from 3.09 to 3.13). Stated in docs/toy-world.md; the test fails
-    # once a rebuilt set meets the bar, and this line must then assert it.
-    assert (after <= 0.7 * before) is not CPT_KNOWN_MISS, (before, after)
-    assert orig_after < 100  # still a language model of the original language, not noise
-
-
-CPT_KNOWN_MISS = True
+    s = toy_small_regime["cpt_sanity"]
+    assert CPT_SANITY["lang"] == "vel" and CPT_SANITY["steps"] == 200
+    assert s["after"] < s["before"], s
+    assert s["drop"] == 1 - s["after"] / s["before"]
+    assert (s["after"] <= 0.7 * s["before"]) is (("base", "cpt_sanity_drop") not in REGIME_KNOWN_MISSES), s
+    assert s["original_after"] < 100, s  # still a language model of the original language, not noise
 
 
 # Languages where the ceiling misses its absolute target (>= 0.6 chat QA) on the shipped set with

@@ -92,6 +92,21 @@ def _error(*args: str) -> str:
     return lines[0]
 
 
+def test_tokenizer_digest_ignores_call_state_and_sees_the_vocabulary(world) -> None:
+    """A padded, truncated call leaves padding and truncation switched on in the fast tokenizer's
+    Rust backend; that is call state, so the digest must not change. A new token must change it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world.moe)
+    before = P.tokenizer_digest(tok)
+    tok(["a b", "a b c d e f"], padding="max_length", truncation=True, max_length=4)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    assert state["padding"] is not None and state["truncation"] is not None  # the state the digest ignores
+    assert P.tokenizer_digest(tok) == before
+    tok.add_tokens(["zzzq"])
+    assert P.tokenizer_digest(tok) != before
+
+
 def test_bad_packs_are_refused_before_any_step(world, tmp_path) -> None:
     import yaml
 

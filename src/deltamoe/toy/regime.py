@@ -38,7 +38,10 @@ TARGETS: dict[str, tuple[str, float, str, str]] = {
                     "the chat format comes from the delta only (B never saw the chat tokens)"),
     "cpt_tokens_per_param": ("CPT tokens (all new languages) per dense parameter", 4.0, ">=",
                              "stage 1 can learn the languages in the study (MoE-LPR: ~13 per parameter)"),
+    "cpt_sanity_drop": ("fraction of vel perplexity removed by 200 steps of dense CPT on vel (the sanity check)", 0.30,
+                        ">=", "continued pre-training has something to teach: the base is not already fluent"),
 }
+CPT_SANITY = {"lang": "vel", "docs": 8000, "steps": 200, "batch_size": 16, "seq_len": 128, "lr": 1e-3, "warmup": 10}
 GROUPS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "gate_proj", "up_proj",
           "down_proj", "input_layernorm", "post_attention_layernorm", "norm", "lm_head")
 
@@ -83,6 +86,44 @@ def _cpt_tokens(toy: Path, manifest: dict[str, Any]) -> int:
         texts = [json.loads(line)["text"] for line in (toy / "cpt" / f"{lang}.jsonl").open(encoding="utf-8")]
         total += sum(len(e.ids) + 1 for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
     return total
+
+
+def cpt_sanity(toy_dir: str | Path, *, base: str = "base") -> dict[str, float]:
+    """The sanity check of continued pre-training: train a copy of ``base`` densely on its first
+    ``CPT_SANITY["docs"]`` CPT documents of ``CPT_SANITY["lang"]`` (seed 0, one thread, so the same
+    bytes give the same numbers) and measure held-out perplexity before and after, in that language
+    and in the original one. Returns ``before``, ``after``, ``drop`` (1 - after / before) and
+    ``original_after``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltamoe.evaluate.perplexity import perplexity
+    from deltamoe.toy.config import TrainPhase
+    from deltamoe.toy.languages import ORIGINAL
+    from deltamoe.toy.tokenizer import DOC_SEP
+    from deltamoe.toy.train import deterministic, packed_batches, train_loop
+
+    toy, c = Path(toy_dir), CPT_SANITY
+
+    def texts(path: Path, limit: int | None = None) -> list[str]:
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f][:limit]
+
+    tok = AutoTokenizer.from_pretrained(toy / base)
+    held_out = texts(toy / "eval" / c["lang"] / "ppl.jsonl")
+    orig_held_out = texts(toy / "eval" / ORIGINAL / "ppl.jsonl")
+    corpus = texts(toy / "cpt" / f"{c['lang']}.jsonl", c["docs"])
+    sep = tok.convert_tokens_to_ids(DOC_SEP)
+    stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
+    with deterministic(1):
+        model = AutoModelForCausalLM.from_pretrained(toy / base, dtype=torch.float32)
+        before = perplexity(model, tok, held_out)["ppl"]
+        phase = TrainPhase(steps=c["steps"], batch_size=c["batch_size"], lr=c["lr"], warmup=c["warmup"])
+        train_loop(model, packed_batches(stream, c["seq_len"], c["batch_size"], seed=0), phase, desc="cpt sanity",
+                   progress=False)
+        after = perplexity(model, tok, held_out)["ppl"]
+        original_after = perplexity(model, tok, orig_held_out)["ppl"]
+    return {"before": before, "after": after, "drop": 1 - after / before, "original_after": original_after}
 
 
 def measure(toy_dir: str | Path, *, progress: bool = True, write: bool = True) -> dict[str, Any]:
@@ -139,7 +180,9 @@ def measure(toy_dir: str | Path, *, progress: bool = True, write: bool = True) -
     cpt = _cpt_tokens(toy, manifest)
     dense = manifest["training"]["base"]["params"]
     checks.append({**_check("cpt_tokens_per_param", cpt / dense), "model": "base"})
-    regime = {"scores": scores, "archs": archs, "cpt_tokens": cpt, "checks": checks,
+    sanity = cpt_sanity(toy)
+    checks.append({**_check("cpt_sanity_drop", sanity["drop"]), "model": "base"})
+    regime = {"scores": scores, "archs": archs, "cpt_tokens": cpt, "cpt_sanity": sanity, "checks": checks,
               "all_ok": all(c["ok"] for c in checks)}
     if write:
         manifest["regime"] = regime

@@ -39,7 +39,7 @@ from deltamoe.train.sections import DataConfig, SourceConfig
 from deltamoe.train.sources import Languages
 
 FORMAT = "deltamoe-pack"
-VERSION = 1
+VERSION = 2  # 2: the tokenizer digest leaves out padding and truncation state
 MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
 _ARRAYS = {"tokens": np.uint32, "index": np.int64, "langs": np.int16}
@@ -49,11 +49,16 @@ _IDENTITY = ("path", "format", "lang", "text_field", "lang_field", "sample_by", 
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
-    """sha256 of what decides the token ids: the fast tokenizer's full definition and its EOS."""
+    """sha256 of what decides the token ids: the fast tokenizer's definition and its EOS.
+
+    The backend's padding and truncation settings are left out: they are call state, not the
+    tokenizer (a padded call switches them on in the Rust backend and they stay), and packing
+    encodes every document unpadded and untruncated."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise DataError(f"packing needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} is not one")
-    spec = {"tokenizer": backend.to_str(), "eos": tokenizer.eos_token_id, "class": type(tokenizer).__name__}
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    spec = {"tokenizer": definition, "eos": tokenizer.eos_token_id, "class": type(tokenizer).__name__}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
