@@ -62,6 +62,32 @@ def test_routing_counter_counts_top_k_and_top1_without_padding() -> None:
     assert r["top1"][0] == pytest.approx([1 / 3, 2 / 3, 0.0])
     assert r["top1"][1] == pytest.approx([1 / 3, 0.0, 2 / 3])
     assert all(sum(row) == pytest.approx(2.0) for row in r["routed"])
+    # a Mixtral upcycle's replicated layer (kept dense behind a zero router) returns router logits
+    # too; its rows are left out
+    r = c.result([7], replicated=[4])
+    assert r["layers"] == [7] and r["top1"] == [c.result([4, 7])["top1"][1]]
+
+
+def test_routing_of_a_partial_mixtral_upcycle_covers_its_moe_layers_only(toy_micro: Path, tmp_path: Path) -> None:
+    """The micro Llama has 2 layers; upcycling layer 1 only makes layer 0 four identical copies
+    behind a zero router (Mixtral has no dense-layer option). The routing statistics, and so the
+    allocation shares, are those of layer 1 alone."""
+    from deltamoe.evaluate import evaluate
+    from deltamoe.ops.upcycle import upcycle
+
+    alloc = {"en": [0], "vel": [1], "kyr": [2], "tol": [3]}
+    full = upcycle(toy_micro / "base", tmp_path / "full", num_experts=4, top_k=2, allocation=alloc, progress=False)
+    part = upcycle(toy_micro / "base", tmp_path / "part", num_experts=4, top_k=2, layers="1", allocation=alloc,
+                   progress=False)
+    assert json.loads((part / "deltamoe.json").read_text())["moe"]["replicated_layers"] == [0]
+    r_full = evaluate(full, "toy", out=tmp_path / "ev-full", qa=False, mc=False, progress=False, max_items=2)["routing"]
+    r_part = evaluate(part, "toy", out=tmp_path / "ev-part", qa=False, mc=False, progress=False, max_items=2)["routing"]
+    for lang in LANGS:
+        st, ref = r_part["languages"][lang], r_full["languages"][lang]
+        assert st["layers"] == [1] and len(st["top1"]) == len(st["allocated"]) == 1
+        # the same seeded router in layer 1 and the same inputs to it (layer 0 computes the dense FFN
+        # in both): the same choices as the full upcycle's layer 1
+        assert st["top1"] == [ref["top1"][1]] and st["allocated_mean"] == ref["allocated"][1]
 
 
 # -- evaluate() on the micro world ---------------------------------------------------------------

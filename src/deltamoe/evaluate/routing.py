@@ -53,15 +53,24 @@ class RoutingCounter:
             self.top1[layer] += torch.bincount(chosen[:, 0], minlength=self.num_experts)
         self.tokens += int(flat.sum())
 
-    def result(self, layer_ids: list[int] | None = None) -> dict[str, Any]:
+    def result(self, layer_ids: list[int] | None = None, replicated: list[int] | None = None) -> dict[str, Any]:
+        """Fractions per MoE layer. ``layer_ids`` are the MoE layers, ``replicated`` the layers a
+        Mixtral upcycle kept dense as identical experts behind a zero router: the model returns
+        router logits for both, in layer order, and a replicated layer's rows are left out (its
+        router is a tie that says nothing about routing)."""
         if self.routed is None or self.top1 is None or self.tokens == 0:
             return {"tokens": 0, "layers": [], "routed": [], "top1": []}
-        layers = layer_ids if layer_ids and len(layer_ids) == self.routed.shape[0] else list(range(self.routed.shape[0]))
+        rows = self.routed.shape[0]
+        skip = set(replicated or ())
+        hooked = sorted(set(layer_ids or ()) | skip)
+        if not layer_ids or len(hooked) != rows:
+            hooked, skip = list(range(rows)), set()
+        keep = [i for i, layer in enumerate(hooked) if layer not in skip]
         return {
             "tokens": self.tokens,
-            "layers": layers,
-            "routed": [[round(float(c) / self.tokens, 6) for c in row] for row in self.routed],
-            "top1": [[round(float(c) / self.tokens, 6) for c in row] for row in self.top1],
+            "layers": [hooked[i] for i in keep],
+            "routed": [[round(float(c) / self.tokens, 6) for c in self.routed[i]] for i in keep],
+            "top1": [[round(float(c) / self.tokens, 6) for c in self.top1[i]] for i in keep],
         }
 
 
@@ -82,9 +91,10 @@ def draw_heatmap(routing: dict[str, Any], path: str | Path, *, title: str = "") 
     langs = list(routing["languages"])
     top_k = routing["top_k"]
     allocation = routing.get("allocation") or {}
-    fig, axes = plt.subplots(1, len(langs), figsize=(2.2 + 1.9 * len(langs), 0.8 + 0.32 * max(
-        len(routing["languages"][lang]["layers"]) for lang in langs)), squeeze=False, sharey=True,
-        layout="constrained")
+    n_layers = max(len(routing["languages"][lang]["layers"]) for lang in langs)
+    # at least 1.8 inches: the titles, labels and colour bar need room even for one MoE layer
+    fig, axes = plt.subplots(1, len(langs), figsize=(2.2 + 1.9 * len(langs), max(1.8, 0.8 + 0.32 * n_layers)),
+                             squeeze=False, sharey=True, layout="constrained")
     image = None
     for ax, lang in zip(axes[0], langs, strict=True):
         stats = routing["languages"][lang]

@@ -16,8 +16,9 @@ from deltamoe.preflight import writable_dir
 RESULTS_NAME = "results.json"
 # What the evaluator measures and records; part of the eval stages' cache key in `deltamoe run`, so
 # a cached evaluation from an older evaluator is redone. 2: per-language answer kinds. 3: multiple
-# choice, 95 % Wilson intervals. 4: routing shares of the allocated experts.
-EVAL_VERSION = 4
+# choice, 95 % Wilson intervals. 4: routing shares of the allocated experts. 5: routing leaves out the
+# layers a Mixtral upcycle kept dense (replicated experts behind a zero router).
+EVAL_VERSION = 5
 PREDICTIONS_NAME = "predictions.jsonl"
 ROUTING_JSON = "routing.json"
 ROUTING_PNG = "routing.png"
@@ -173,7 +174,7 @@ class _Scorer:
         row["ppl"] = ppl["ppl"]
         row["ppl_tokens"] = ppl["tokens"]
         if counter is not None:
-            self.routing[lang] = counter.result(self.moe_info.get("moe_layers"))
+            self.routing[lang] = counter.result(self.moe_info.get("moe_layers"), self.moe_info.get("replicated_layers"))
             experts = (self.moe_info.get("allocation") or {}).get(lang)
             if experts and self.routing[lang]["top1"]:
                 self.routing[lang].update(allocation_shares(self.routing[lang]["top1"], [int(e) for e in experts]))
