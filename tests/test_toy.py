@@ -137,6 +137,26 @@ def test_multiple_choice_items_need_reading_and_the_relation() -> None:
         assert {value_of[o][0] for o in it["options"]} == {rel}
 
 
+def test_encode_plain_ignores_the_padding_an_earlier_call_left(toy_micro: Path) -> None:
+    """The toy's corpus packing, CPT count, chat replay and loss curve encode with encode_plain.
+    After a padded, truncated call (as chat QA makes) the fast tokenizer's backend still pads and
+    truncates; encode_plain must give the ids of a fresh tokenizer and leave that state alone."""
+    from transformers import AutoTokenizer
+
+    from deltamoe.toy.tokenizer import encode_plain
+
+    texts = [json.loads(line)["text"] for line in (toy_micro / "cpt" / "vel.jsonl").open()][:20]
+    fresh = AutoTokenizer.from_pretrained(toy_micro / "tokenizer")
+    want = encode_plain(fresh, texts)
+    assert want == [fresh(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(ids) for ids in want}) > 1  # texts of several lengths, so padding would show
+    used = AutoTokenizer.from_pretrained(toy_micro / "tokenizer")
+    used(texts[:2], padding="max_length", truncation=True, max_length=4)
+    assert [e.ids for e in used.backend_tokenizer.encode_batch(texts, add_special_tokens=False)] != want
+    assert encode_plain(used, texts) == want
+    assert used.backend_tokenizer.padding is not None and used.backend_tokenizer.truncation is not None
+
+
 def test_tokenizer_chat_template_and_consistent_word_tokens(toy_micro: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -309,6 +309,7 @@ def _pretrain(shape: ModelShape, phase: TrainPhase, tokenizer: Any, stream: Any,
               cfg: ToyConfig, seed: int, work: Path, out: Path, progress: bool) -> dict[str, Any]:
     """Pre-train a base model on the packed stream; the held-out loss per language is measured
     ``curve_points`` times along the way (the curve in toy.json)."""
+    from deltamoe.toy.tokenizer import encode_plain
     from deltamoe.toy.train import heldout_loss, make_model, packed_batches, train_loop
 
     model = make_model(shape, tokenizer, seed)
@@ -318,8 +319,7 @@ def _pretrain(shape: ModelShape, phase: TrainPhase, tokenizer: Any, stream: Any,
     _log(progress, f"pre-training {out.name} ({shape.family}, {n_params / 1e6:.2f} M parameters, "
                    f"{(n_params - n_embed) / 1e6:.2f} M non-embedding, {tokens / 1e6:.2f} M tokens)")
     every = max(1, phase.steps // cfg.curve_points)
-    encoded = {lang: [tokenizer.backend_tokenizer.encode(d, add_special_tokens=False).ids for d in docs]
-               for lang, docs in curve_docs.items()}
+    encoded = {lang: encode_plain(tokenizer, docs) for lang, docs in curve_docs.items()}
 
     def on_step(step: int) -> dict[str, Any] | None:
         if (step + 1) % every and step + 1 != phase.steps:

@@ -12,6 +12,7 @@ from typing import Any
 
 from deltamoe.toy.config import PostTraining, ToyConfig
 from deltamoe.toy.languages import NEW_LANGUAGES, ORIGINAL
+from deltamoe.toy.tokenizer import encode_plain
 from deltamoe.toy.world import TextMaker, World, chat_messages, rng_for
 
 
@@ -124,10 +125,7 @@ def pretrain_stream(world: World, cfg: ToyConfig, seed: int, tokenizer: Any, sep
     docs = pretrain_documents(world, cfg, seed)
     while total < target:
         block = [next(docs)[1] for _ in range(2000)]
-        # the Rust tokenizer directly: documents are packed, so a long one is no problem (the
-        # transformers wrapper would warn about model_max_length)
-        encs = tokenizer.backend_tokenizer.encode_batch(block, add_special_tokens=False)
-        flat = [i for enc in encs for i in (*enc.ids, sep)]
+        flat = [i for ids in encode_plain(tokenizer, block) for i in (*ids, sep)]
         chunks.append(torch.tensor(flat, dtype=torch.long))
         total += len(flat)
     return torch.cat(chunks)

@@ -80,11 +80,13 @@ def _check(name: str, value: float) -> dict[str, Any]:
 def _cpt_tokens(toy: Path, manifest: dict[str, Any]) -> int:
     from transformers import AutoTokenizer
 
+    from deltamoe.toy.tokenizer import encode_plain
+
     tok = AutoTokenizer.from_pretrained(toy / "tokenizer")
     total = 0
     for lang in manifest["new_languages"]:
         texts = [json.loads(line)["text"] for line in (toy / "cpt" / f"{lang}.jsonl").open(encoding="utf-8")]
-        total += sum(len(e.ids) + 1 for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+        total += sum(len(ids) + 1 for ids in encode_plain(tok, texts))
     return total
 
 

@@ -72,7 +72,7 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     from deltamoe.evaluate.run import hf_progress
     from deltamoe.io.provenance import describe_checkpoint, new_manifest, read_manifest, write_manifest, write_model_card
     from deltamoe.toy.config import TrainPhase
-    from deltamoe.toy.tokenizer import DOC_SEP
+    from deltamoe.toy.tokenizer import DOC_SEP, encode_plain
     from deltamoe.toy.train import chat_batches, deterministic, drop_version_stamps, encode_chat, packed_batches, train_loop
 
     check_output(out, force=False)
@@ -87,8 +87,7 @@ def post_train_chat(model: Path, chat_file: Path, out: Path, *, steps: int, lr: 
     step_at: Any = chat_at
     if texts:
         sep = tokenizer.convert_tokens_to_ids(DOC_SEP)
-        encs = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        stream = torch.tensor([i for enc in encs for i in (*enc.ids, sep)], dtype=torch.long)
+        stream = torch.tensor([i for ids in encode_plain(tokenizer, texts) for i in (*ids, sep)], dtype=torch.long)
         text_at = packed_batches(stream, seq_len, lm_rows, seed + 1)
         step_at = lambda step: [(1.0, chat_at(step)), (lm_weight, text_at(step))]  # noqa: E731
     with deterministic(threads or torch.get_num_threads()), hf_progress(False):

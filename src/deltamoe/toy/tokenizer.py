@@ -9,7 +9,7 @@ an assistant turn. A base model never saw ``<|end|>`` in pre-training, which is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+def encode_plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text, without special tokens, padding or truncation, from the Rust
+    tokenizer in one batch (documents are packed, so a long one is no problem; the transformers
+    call would warn about ``model_max_length``). A fast tokenizer's backend keeps the padding and
+    truncation that an earlier padded call switched on, so then a clean copy encodes; the caller's
+    tokenizer is never changed."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None or backend.truncation is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+    return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int) -> Any:
