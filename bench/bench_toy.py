@@ -54,7 +54,10 @@ def main() -> int:
     run("measure", [deltamoe, "toy", "measure", str(out), "-q"])
     regime = json.loads((out / "toy.json").read_text())["regime"]
     report["regime_all_ok"] = regime["all_ok"]
-    report["regime_same_as_shipped"] = regime["checks"] == manifest.get("regime", {}).get("checks")
+    from deltamoe.toy.regime import regime_differences
+
+    report["regime_differences"] = regime_differences(manifest.get("regime", {}).get("checks"), regime["checks"])
+    report["regime_same_as_shipped"] = not report["regime_differences"]
     status = 0
     if args.rebuild:
         rebuilt = work / "rebuilt"

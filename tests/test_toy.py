@@ -425,27 +425,25 @@ def test_regime_matches_the_shipped_record(toy_small: Path, toy_small_regime: di
     accuracies and every target's verdict exactly; perplexities (and ratios of them) to 1e-7
     relative, because a float reduction's order depends on the intra-op thread count (measured:
     the shipped record and a measure on 2 threads differ by at most 3e-8 relative)."""
+    from deltamoe.toy.regime import regime_differences
+
     shipped = json.loads((toy_small / "toy.json").read_text())["regime"]
-    _same_numbers(shipped["scores"], toy_small_regime["scores"])
-    _same_numbers(shipped["checks"], toy_small_regime["checks"])
-    _same_numbers(shipped["cpt_sanity"], toy_small_regime["cpt_sanity"])
+    for part in ("scores", "checks", "cpt_sanity"):
+        assert regime_differences(shipped[part], toy_small_regime[part], where=part) == []
 
 
-def _same_numbers(a: object, b: object, where: str = "") -> None:
-    import math
+def test_regime_differences_tolerate_thread_order_only() -> None:
+    from deltamoe.toy.regime import regime_differences
 
-    if isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same_numbers(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same_numbers(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-7), (where, a, b)
-    else:
-        assert a == b, (where, a, b)
+    a = {"scores": {"en": {"mc": 0.5, "ppl": 1.8336832496954638, "n": 960}}, "checks": [{"ok": True, "target": "t"}]}
+    same = {"scores": {"en": {"mc": 0.5, "ppl": 1.833683297128626, "n": 960}}, "checks": [{"ok": True, "target": "t"}]}
+    assert regime_differences(a, same) == []  # 2.6e-8 relative: another thread count
+    one_item = {**same, "scores": {"en": {**same["scores"]["en"], "mc": 0.5 + 1 / 960}}}
+    assert regime_differences(a, one_item) == ["regime.scores.en.mc: 0.5 against 0.5010416666666667"]
+    assert regime_differences(a, {**same, "checks": [{"ok": False, "target": "t"}]}) == [
+        "regime.checks[0].ok: True against False"]
+    assert regime_differences(a, {"scores": a["scores"]}) == ["regime: keys ['checks'] in one record only"]
+    assert regime_differences({"p": 1.0}, {"p": 1.0 + 1e-6}) != []
 
 
 def test_second_delta_differs_from_the_first() -> None:
