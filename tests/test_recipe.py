@@ -158,10 +158,11 @@ def test_ceiling_is_dense_cpt_plus_chat_in_every_language(tmp_path: Path) -> Non
     expected = {"steps": 4 * phase.steps, "lr": phase.lr, "batch_size": phase.batch_size,
                 "lm_rows": size.sft_lm_rows, "lm_weight": size.sft_lm_weight, "seq_len": size.seq_len, "seed": 0}
     assert stages["ceiling"].params == expected
-    # the demo overrides only the lr: twice P's (the ceiling screen), everything else as above
+    # the demo overrides only the lr: the ceiling screen's 1e-3 (2.5 times P's 4e-4 since generator 3),
+    # everything else as above
     stages = ceiling(_demo())
-    assert stages["ceiling"].params == {**expected, "lr": 1.0e-3} and phase.lr == 5.0e-4
-    assert size.sft_lm_rows == 16
+    assert stages["ceiling"].params == {**expected, "lr": 1.0e-3} and phase.lr == 4.0e-4
+    assert size.sft_lm_rows == 32
     assert "eval-ceiling" in stages and SYSTEM_ORDER[-1] == "ceiling"
     # the ceiling needs the toy world's chat data: refused by name for real models, left out by default
     r = _demo()

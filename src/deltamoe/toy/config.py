@@ -18,7 +18,7 @@ from deltamoe.strict import Strict
 
 # Bump when the generator, the tokenizer recipe or the training recipe changes in a way that
 # changes outputs: it is part of the cache key, and the shipped set is rebuilt when it changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 class ModelShape(Strict):
@@ -162,17 +162,17 @@ SIZES: dict[str, ToyConfig] = {
     # 21 tokens each; 480 facts about 96 people; new languages a small share of pre-training.
     "small": ToyConfig(
         name="small", n_people=96, eval_fraction=1 / 3, rc_people=2, rc_statements=3, n_fresh_names=400,
-        vocab_size=1536, seq_len=128, new_language_share=0.012, parallel_share=0.65, tokenizer_docs_per_language=3000,
-        cpt_docs=28000, replay_fraction=0.02, chat_examples=10000, sft_lm_rows=16, sft_lm_weight=1.0, eval_rc=240,
+        vocab_size=1536, seq_len=128, new_language_share=0.007, parallel_share=0.9, tokenizer_docs_per_language=3000,
+        cpt_docs=28000, replay_fraction=0.02, chat_examples=10000, sft_lm_rows=32, sft_lm_weight=1.0, eval_rc=240,
         mc_items=480, eval_ppl_docs=100, curve_docs=100, curve_points=10,
         model=ModelShape(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=256, max_position_embeddings=256),
         model2=ModelShape(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=256, max_position_embeddings=256, family="qwen3", head_dim=24,
                           tie_word_embeddings=True),
-        pretrain=TrainPhase(steps=2100, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
-        pretrain2=TrainPhase(steps=2800, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
-        posts=(_post("instruct", 300, 5e-4, 0.5, 0), _post("instruct2", 400, 3e-4, 0.2, 1)),
-        arch2_post=_post("qwen3-instruct", 300, 5e-4, 0.5, 0),
+        pretrain=TrainPhase(steps=2800, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
+        pretrain2=TrainPhase(steps=3600, batch_size=32, lr=3e-3, warmup=100, checkpoint_every=100),
+        posts=(_post("instruct", 300, 4e-4, 0.5, 0), _post("instruct2", 400, 3e-4, 0.2, 1)),
+        arch2_post=_post("qwen3-instruct", 300, 4e-4, 0.5, 0),
     ),
 }
