@@ -138,7 +138,8 @@ def test_multiple_choice_items_need_reading_and_the_relation() -> None:
 
 
 def test_encode_plain_ignores_the_padding_an_earlier_call_left(toy_micro: Path) -> None:
-    """The toy's corpus packing, CPT count, chat replay and loss curve encode with encode_plain.
+    """The toy's corpus packing, CPT count, CPT sanity check, chat replay and loss curve encode with
+    encode_plain.
     After a padded, truncated call (as chat QA makes) the fast tokenizer's backend still pads and
     truncates; encode_plain must give the ids of a fresh tokenizer and leave that state alone."""
     from transformers import AutoTokenizer

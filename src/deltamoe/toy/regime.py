@@ -102,7 +102,7 @@ def cpt_sanity(toy_dir: str | Path, *, base: str = "base") -> dict[str, float]:
     from deltamoe.evaluate.perplexity import perplexity
     from deltamoe.toy.config import TrainPhase
     from deltamoe.toy.languages import ORIGINAL
-    from deltamoe.toy.tokenizer import DOC_SEP
+    from deltamoe.toy.tokenizer import DOC_SEP, encode_plain
     from deltamoe.toy.train import deterministic, packed_batches, train_loop
 
     toy, c = Path(toy_dir), CPT_SANITY
@@ -116,7 +116,7 @@ def cpt_sanity(toy_dir: str | Path, *, base: str = "base") -> dict[str, float]:
     orig_held_out = texts(toy / "eval" / ORIGINAL / "ppl.jsonl")
     corpus = texts(toy / "cpt" / f"{c['lang']}.jsonl", c["docs"])
     sep = tok.convert_tokens_to_ids(DOC_SEP)
-    stream = torch.tensor([i for ids in tok(corpus, add_special_tokens=False)["input_ids"] for i in (*ids, sep)])
+    stream = torch.tensor([i for ids in encode_plain(tok, corpus) for i in (*ids, sep)])
     with deterministic(1):
         model = AutoModelForCausalLM.from_pretrained(toy / base, dtype=torch.float32)
         before = perplexity(model, tok, held_out)["ppl"]
