@@ -7,10 +7,11 @@ recipe on the shipped small toy (conftest.py ``demo_small_run``) runs exactly th
 language's held-out text, without language tags, as it is served.
 
 Targets (issue 13): >= 0.8 of each new language's tokens on its own expert, >= 0.9 of en's on
-expert 0, mean over layers. Measured with seed 0 (routing screen 3, 2026-12-02, and this test):
-en 0.82, vel 0.77, kyr 0.83, tol 0.87; en and vel miss. The known misses are listed so that the
-test fails once they are met; each language also has a floor 0.05 under its measured share, so
-that a change that loses the allocation fails too.
+expert 0, mean over layers. Measured with seed 0 on the generator-3 toy (the main study,
+2026-12-07, and this test, the same bytes): en 0.925, vel 0.807, kyr 0.716, tol 0.854; kyr misses.
+(On the generator-2 toy: en 0.82, vel 0.77, kyr 0.83, tol 0.87; en and vel missed.) The known
+misses are listed so that the test fails once they are met; each language also has a floor 0.05
+under its measured share, so that a change that loses the allocation fails too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import yaml
 from deltamoe.demo import demo_recipe_text
 
 TARGET = {"en": 0.9, "vel": 0.8, "kyr": 0.8, "tol": 0.8}
-MEASURED = {"en": 0.82, "vel": 0.77, "kyr": 0.83, "tol": 0.87}
-KNOWN_MISSES = {"en", "vel"}
+MEASURED = {"en": 0.925, "vel": 0.807, "kyr": 0.716, "tol": 0.854}
+KNOWN_MISSES = {"kyr"}
 
 
 @pytest.mark.slow
