@@ -5,7 +5,7 @@
 Always: ``deltamoe toy build`` of the shipped size from the shipped set (the demo's and the
 tests' first step) and ``deltamoe toy measure`` of it (every model evaluated, the regime
 targets checked). With ``--rebuild``: ``deltamoe toy build --train`` of the shipped size from
-scratch (about 45 minutes on 2 cores), then every file's sha256 compared with the shipped
+scratch (about 22 minutes on 2 cores), then every file's sha256 compared with the shipped
 manifest; the command exits 1 if any differs. Each command runs as a fresh process into a new
 directory (no cache hit); peak RSS is that process tree's.
 """
