@@ -1,5 +1,5 @@
 """The demo recipe on the shipped small toy with DeltaMoE and the ceiling as its only systems: its
-routing defaults (stage 1, router review, graft) and B' with the ceiling's chat post-training.
+routing defaults (stage 1, graft, router review of the grafted model) and B' with the ceiling's chat post-training.
 
 The tests that read it (tests/test_allocation.py, the ceiling test of tests/test_toy.py) need some
 eight minutes of training. conftest.py runs this file in a process of its own, started as soon as

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from micro_demo import micro_demo
 
-from deltamoe.demo import demo_recipe_text
 from deltamoe.pipeline.graph import build_plan
 from deltamoe.recipe import load_recipe
 
 
 def _recipe(work: Path, toy_micro: Path) -> Path:
-    r = yaml.safe_load(demo_recipe_text())
-    r["toy"] = {"size": "micro", "seed": 0}
+    r = micro_demo()
     # every kind of training stage (MoE stage 1, router review, dense CPT, new-block CPT) and one
     # system built on each; the merges, the ceiling and the evaluations run on rank 0 only
     r["baselines"] = ["post", "dense_cpt", "paramdelta", "moe_lpr", "block_expansion"]

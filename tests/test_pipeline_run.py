@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from micro_demo import micro_demo
 
 from deltamoe.io import Checkpoint
-from deltamoe.demo import demo_recipe_text
 from deltamoe.pipeline.graph import build_plan
 from deltamoe.pipeline.run import run_recipe
 from deltamoe.io.provenance import describe_checkpoint
@@ -27,8 +27,9 @@ from deltamoe.report import LABELS
 
 
 def _micro_recipe(tmp: Path) -> Path:
-    r = yaml.safe_load(demo_recipe_text())
-    r["toy"] = {"size": "micro", "seed": 0, "arch": "llama", "post": "instruct"}
+    # MoE-LPR's order (review, then graft): the kill test interrupts the stage named router_review.
+    # The demo's order (graft, then review) runs end to end in tests/test_allocation.py.
+    r = micro_demo(review="before_graft", arch="llama", post="instruct")
     r["baselines"] = list(ALL_BASELINES)  # every system, not only the demo's selection
     r["train"]["post_pretrain"]["train"].update(steps=6, micro_batch_size=4, warmup_steps=1)
     # Router review is the stage the kill test interrupts: enough steps, a checkpoint after each, that

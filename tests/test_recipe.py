@@ -100,16 +100,35 @@ def test_unknown_lm_eval_task_is_an_error(tmp_path: Path) -> None:
         run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)
 
 
+def _keys(tmp: Path, r: dict) -> dict[str, str]:
+    return {s["stage"]: s["key"] for s in run_recipe(_write(tmp, r), dry_run=True, log=lambda m: None)["plan"]}
+
+
 def test_cache_keys_follow_parameters(tmp_path: Path) -> None:
-    p = _write(tmp_path, _demo())
-    a = {s["stage"]: s["key"] for s in run_recipe(p, dry_run=True, log=lambda m: None)["plan"]}
     r = _demo()
+    r["train"]["review"] = "before_graft"
+    a = _keys(tmp_path, r)
     r["train"]["router_review"]["train"]["steps"] = 41
-    b = {s["stage"]: s["key"] for s in run_recipe(_write(tmp_path, r), dry_run=True, log=lambda m: None)["plan"]}
+    b = _keys(tmp_path, r)
     same = {k for k in a if a[k] == b[k]}
     # changing stage 2 changes it and everything downstream of it, nothing upstream
     assert {"toy", "upcycle", "post_pretrain", "dense_cpt", "paramdelta", "ties", "eval-base", "eval-post"} <= same
     assert {"router_review", "deltamoe", "eval-deltamoe", "eval-moe_lpr", "dense_cpt_budget"}.isdisjoint(same)
+
+
+def test_cache_keys_follow_parameters_with_the_review_after_the_graft(tmp_path: Path) -> None:
+    """The demo's order: stage 1, graft, review. A review setting changes the review (the DeltaMoE
+    system) and what reads it, not the graft before it nor the MoE without Δ (stage 1's output)."""
+    r = _demo()
+    assert r["train"]["review"] == "after_graft"
+    a = _keys(tmp_path, r)
+    r["train"]["router_review"]["train"]["steps"] = 41
+    b = _keys(tmp_path, r)
+    same = {k for k in a if a[k] == b[k]}
+    assert {"toy", "upcycle", "post_pretrain", "grafted", "unallocated_grafted", "dense_cpt", "paramdelta",
+            "eval-post", "eval-moe_lpr"} <= same
+    assert {"deltamoe", "eval-deltamoe", "moe_unallocated", "eval-moe_unallocated",
+            "dense_cpt_budget"}.isdisjoint(same)
 
 
 def test_cli_dry_run_and_missing_recipe(tmp_path: Path) -> None:
@@ -130,7 +149,9 @@ def test_toy_architecture_and_delta_choose_the_models(tmp_path: Path) -> None:
         r["toy"].update(toy)
         stages = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
         assert stages["upcycle"].inputs == {"dense": base}
-        assert stages["deltamoe"].inputs["post"] == post and stages["deltamoe"].inputs["base"] == base
+        # the demo grafts stage 1's MoE, then reviews the routers of the grafted model
+        assert stages["deltamoe"].inputs["model"] == "grafted"
+        assert stages["grafted"].inputs["post"] == post and stages["grafted"].inputs["base"] == base
         assert stages["paramdelta"].inputs["post"] == post
     r = _demo()
     r["toy"].update(arch="qwen3", post="instruct2")
@@ -187,6 +208,7 @@ def test_router_review_after_the_graft_and_the_unallocated_moe(tmp_path: Path) -
     r["train"]["post_pretrain"]["routing"] = {"allocated": True}
     r["train"]["post_pretrain"]["losses"] = {"lpr": 0.5, "lpr_tokens": "original"}
     r["baselines"] = ["post", "moe_lpr", "moe_unallocated"]
+    r["train"]["review"] = "before_graft"
     before = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
     assert before["deltamoe"].kind == "graft" and before["deltamoe"].inputs["moe"] == "router_review"
     assert before["router_review"].inputs["model"] == "post_pretrain"

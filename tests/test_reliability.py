@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from delta_fixtures import load_all, perturbed, save
+from micro_demo import micro_demo
 from typer.testing import CliRunner
 
 from deltamoe.cli import app
@@ -153,10 +154,7 @@ def test_train_output_unwritable_fails_before_training(tmp_path_factory, tmp_pat
 
 # -- 4. run --dry-run preflight --------------------------------------------------------------
 def _recipe(tmp: Path, mutate=None) -> Path:
-    from deltamoe.demo import demo_recipe_text
-
-    r = yaml.safe_load(demo_recipe_text())
-    r["toy"] = {"size": "micro", "seed": 0}
+    r = micro_demo()
     r["workdir"] = str(tmp / "work")
     if mutate:
         mutate(r)
@@ -171,8 +169,8 @@ def _models(tmp: Path, base: str, post: str):
         r["baselines"] = [b for b in r["baselines"] if b != "ceiling"]  # the ceiling needs the toy world
         r["models"] = {"base": base, "post": post}
         r["eval"]["toy_data"] = str(tmp)
-        for spec in r["train"].values():
-            spec["data"]["sources"] = [{"path": str(tmp / "data.jsonl"), "lang": "vel"}]
+        for stage in ("post_pretrain", "router_review"):
+            r["train"][stage]["data"]["sources"] = [{"path": str(tmp / "data.jsonl"), "lang": "vel"}]
     return mutate
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from micro_demo import micro_demo
 from typer.testing import CliRunner
 
 from deltamoe.cli import app
-from deltamoe.demo import demo_recipe_text
 from deltamoe.errors import UsageError
 from deltamoe.config_files import set_dotted
 from deltamoe.study import load_study, plan_runs, run_study
@@ -27,8 +27,7 @@ from deltamoe.study_report import bootstrap, study_numbers
 
 
 def _micro_recipe(tmp: Path) -> Path:
-    r = yaml.safe_load(demo_recipe_text())
-    r["toy"] = {"size": "micro", "seed": 0, "arch": "llama", "post": "instruct"}
+    r = micro_demo(review="before_graft", arch="llama", post="instruct")  # the kill test stops router_review
     r["baselines"] = ["post", "moe_lpr"]
     for stage in ("post_pretrain", "router_review"):
         r["train"][stage]["train"].update(steps=30 if stage == "router_review" else 4, micro_batch_size=4,
