@@ -67,6 +67,36 @@ def test_blocks_matching_by_hand(dense_model) -> None:
         blocks_matching(cfg, 1)
 
 
+def test_blocks_matching_counts_the_upcycled_layers_only(dense_model, tmp_path: Path) -> None:
+    """With ``layers``, N matches the new experts of the upcycled layers: the new blocks' parameters
+    are the closest whole number of blocks to the parameters of the new experts an upcycle of those
+    layers trains (a Mixtral upcycle's dense layers hold identical frozen copies, not counted)."""
+    import re
+
+    from deltamoe.ops.upcycle import upcycle
+
+    dense = dense_model("llama-untied-gqa")
+    cfg = json.loads((dense / "config.json").read_text())
+    ffn, block = 3 * 32 * 48, 7744
+    for layers, n_moe in (("all", 3), ("1-2", 2), ("0", 1), ([0, 2], 2)):
+        assert blocks_matching(cfg, 4, layers) == math.floor(3 * n_moe * ffn / block + 0.5), layers
+    assert blocks_matching(cfg, 4) == blocks_matching(cfg, 4, "all") == 5
+    assert blocks_matching(cfg, 4, "1-2") == 4  # 3.57
+    with pytest.raises(Exception, match="out of range"):
+        blocks_matching(cfg, 4, "1-3")
+    moe = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers="1-2", progress=False)
+    ck = open_checkpoint(moe)
+    new = sum(math.prod(ck.spec(n).shape) for n in ck.keys()
+              if (m := re.match(r"model\.layers\.(\d+)\..*experts\.(\d+)\.", n)) and m[1] != "0" and m[2] != "0")
+    assert new == 2 * 3 * ffn
+    n = blocks_matching(cfg, 4, "1-2")
+    assert abs(n * block - new) <= block / 2
+    code, text = _cli("expand", dense, tmp_path / "exp", "--match-experts", 4, "--match-layers", "1-2", "-q")
+    assert code == 0 and "4 new blocks" in text, text
+    code, text = _cli("expand", dense, tmp_path / "exp2", "--blocks", 2, "--match-layers", "1-2", "-q")
+    assert code == 1 and "--match-layers goes with --match-experts" in text and not (tmp_path / "exp2").exists()
+
+
 def test_blocks_matching_rounds_halves_up(monkeypatch) -> None:
     import deltamoe.ops.expand as ex
 

@@ -118,7 +118,7 @@ def test_cache_keys_follow_parameters(tmp_path: Path) -> None:
 
 def test_cache_keys_follow_parameters_with_the_review_after_the_graft(tmp_path: Path) -> None:
     """The demo's order: stage 1, graft, review. A review setting changes the review (the DeltaMoE
-    system) and what reads it, not the graft before it nor the MoE without Δ (stage 1's output)."""
+    system), MoE-LPR's own review and what reads them, not the graft before it."""
     r = _demo()
     assert r["train"]["review"] == "after_graft"
     a = _keys(tmp_path, r)
@@ -126,8 +126,8 @@ def test_cache_keys_follow_parameters_with_the_review_after_the_graft(tmp_path: 
     b = _keys(tmp_path, r)
     same = {k for k in a if a[k] == b[k]}
     assert {"toy", "upcycle", "post_pretrain", "grafted", "unallocated_grafted", "dense_cpt", "paramdelta",
-            "eval-post", "eval-moe_lpr"} <= same
-    assert {"deltamoe", "eval-deltamoe", "moe_unallocated", "eval-moe_unallocated",
+            "eval-post"} <= same
+    assert {"deltamoe", "eval-deltamoe", "router_review", "eval-moe_lpr", "moe_unallocated", "eval-moe_unallocated",
             "dense_cpt_budget"}.isdisjoint(same)
 
 
@@ -222,13 +222,15 @@ def test_router_review_after_the_graft_and_the_unallocated_moe(tmp_path: Path) -
     assert "eval-moe_unallocated" in before
     r["train"]["review"] = "after_graft"
     after = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
-    assert "router_review" not in after
+    # MoE-LPR (no Δ) is stage 1 and the review on the MoE itself, in either order
+    assert after["router_review"].inputs["model"] == "post_pretrain"
     assert after["grafted"].kind == "graft" and after["grafted"].inputs["moe"] == "post_pretrain"
     assert after["deltamoe"].kind == "train" and after["deltamoe"].inputs["model"] == "grafted"
     assert after["deltamoe"].params["stage"] == "router_review"
     assert after["moe_unallocated"].inputs["model"] == "unallocated_grafted"
-    # the MoE without delta is stage 1's output here
-    assert after["eval-moe_lpr"].inputs["model"] == "post_pretrain"
+    assert after["eval-moe_lpr"].inputs["model"] == "router_review"
+    assert after["router_review"].params == before["router_review"].params
+    assert after["router_review"].key == before["router_review"].key  # one stage, cached for both orders
     r["train"]["review"] = "later"
     with pytest.raises(UsageError, match="train.review"):
         load_recipe(_write(tmp_path, r))
@@ -252,7 +254,8 @@ def test_block_expansion_is_expand_then_new_block_cpt_then_graft(tmp_path: Path)
     r = _demo()
     r["baselines"] = ["post", "block_expansion"]
     plan = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
-    assert plan["expand"].kind == "expand" and plan["expand"].params == {"blocks": "match:4"}
+    # matched to the new experts of the demo's MoE layers (1-3); the key names them
+    assert plan["expand"].kind == "expand" and plan["expand"].params == {"blocks": "match:4:layers=1-3"}
     assert plan["expand"].inputs == {"dense": "toy/base"}
     cpt = plan["expand_cpt"]
     assert cpt.inputs["model"] == "expand" and cpt.params["stage"] == "dense_cpt"
@@ -263,6 +266,9 @@ def test_block_expansion_is_expand_then_new_block_cpt_then_graft(tmp_path: Path)
     assert cpt.params["data"]["languages"] == ["en", "vel", "kyr", "tol"] and cpt.params["train"] == stage1["train"]
     assert plan["block_expansion"].inputs == {"model": "expand_cpt", "base": "toy/base", "post": "toy/instruct"}
     assert plan["eval-block_expansion"].inputs["model"] == "block_expansion"
+    r["upcycle"]["layers"] = "all"  # every layer upcycled: the key of recipes from before the layers counted
+    every = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
+    assert every["expand"].params == {"blocks": "match:4"}
     r["block_expansion"] = {"blocks": 3, "train": {"lr": 1.0e-3}}
     again = {s.name: s for s in build_plan(*load_recipe(_write(tmp_path, r)), local_only=True)[0]}
     assert again["expand"].params == {"blocks": 3} and again["expand"].key != plan["expand"].key

@@ -82,6 +82,10 @@ def expand(
         int | None,
         typer.Option(help="Instead of --blocks: as many new parameters as the new experts of an E-expert upcycle."),
     ] = None,
+    match_layers: Annotated[
+        str,
+        typer.Option(help="With --match-experts: the layers that upcycle makes MoE layers (as upcycle --layers)."),
+    ] = "all",
     shard_size: ShardSize = "5GB",
     force: Force = False,
     quiet: Quiet = False,
@@ -92,7 +96,9 @@ def expand(
 
     if (blocks is None) == (match_experts is None):
         raise UsageError("give exactly one of --blocks N or --match-experts E")
-    n = blocks if blocks is not None else blocks_matching(dense, int(match_experts))  # type: ignore[arg-type]
+    if match_experts is None and match_layers != "all":
+        raise UsageError("--match-layers goes with --match-experts E, not with --blocks N")
+    n = blocks if blocks is not None else blocks_matching(dense, int(match_experts), match_layers)  # type: ignore[arg-type]
     path = expand_blocks(dense, out, blocks=n, force=force, max_shard_bytes=parse_size(shard_size),
                          progress=not quiet, command=["deltamoe", *sys.argv[1:]])
     typer.echo(f"wrote {path} ({n} new blocks)")

@@ -35,7 +35,7 @@ from deltamoe.io import DEFAULT_SHARD_BYTES, Checkpoint, ShardedWriter, TensorSp
 from deltamoe.engine import byte_bar, check_finite_tensors
 from deltamoe.errors import ArchitectureError, CheckpointError, UsageError
 from deltamoe.ops.common import natural_key, prepare_output
-from deltamoe.ops.upcycle import validate_dense
+from deltamoe.ops.upcycle import parse_layers, validate_dense
 from deltamoe.io.output import Finished, write_output
 from deltamoe.io.provenance import new_manifest, read_manifest
 
@@ -120,12 +120,15 @@ def _layer_params(config: Mapping[str, Any], source: str) -> tuple[int, int, int
     return arch.num_layers(dict(config), source=source), block, ffn
 
 
-def blocks_matching(dense_config: Mapping[str, Any] | str | os.PathLike[str], num_experts: int) -> int:
-    """New blocks N whose parameters match the new experts of an E-expert upcycle of every layer.
+def blocks_matching(dense_config: Mapping[str, Any] | str | os.PathLike[str], num_experts: int,
+                    layers: str | Sequence[int] | None = None) -> int:
+    """New blocks N whose parameters match the new experts of an E-expert upcycle of ``layers``
+    (as ``upcycle --layers``; default every layer).
 
-    N = round((E − 1) · L · F / P), with F the FFN parameters of one layer and P the parameters
-    of one decoder block (attention, FFN, norms); halves round up, and N is at least 1. Routers
-    (E · hidden per layer) are not counted. ``dense_config`` is a config dict or a checkpoint.
+    N = round((E − 1) · L · F / P), with L the upcycled layers, F the FFN parameters of one layer
+    and P the parameters of one decoder block (attention, FFN, norms); halves round up, and N is at
+    least 1. Routers (E · hidden per layer) are not counted, nor the identical frozen experts of a
+    layer that a Mixtral upcycle keeps dense. ``dense_config`` is a config dict or a checkpoint.
     """
     if num_experts < 2:
         raise UsageError(f"--match-experts must be at least 2 (an MoE with one new expert or more), got {num_experts}")
@@ -134,8 +137,9 @@ def blocks_matching(dense_config: Mapping[str, Any] | str | os.PathLike[str], nu
     else:
         ckpt = open_checkpoint(dense_config)
         config, source = ckpt.config, str(ckpt.path / "config.json")
-    layers, block, ffn = _layer_params(config, source)
-    num, den = (num_experts - 1) * layers * ffn, block
+    n_layers, block, ffn = _layer_params(config, source)
+    moe_layers = n_layers if layers is None else len(parse_layers(layers, n_layers))
+    num, den = (num_experts - 1) * moe_layers * ffn, block
     return max(1, (2 * num + den) // (2 * den))
 
 

@@ -112,9 +112,11 @@ class Shape:
     width: int  # bytes per stored element
     block_params: int = 0  # one decoder block
 
-    def blocks_matching(self, experts: int) -> int:
-        """As :func:`deltamoe.ops.expand.blocks_matching`: blocks with the parameters of E - 1 experts per layer."""
-        return max(1, math.floor((experts - 1) * self.ffn_params / self.block_params + 0.5))
+    def blocks_matching(self, experts: int, moe_layers: int | None = None) -> int:
+        """As :func:`deltamoe.ops.expand.blocks_matching`: blocks with the parameters of E - 1 experts
+        in each of ``moe_layers`` layers (default every layer)."""
+        ffn = self.ffn_params if moe_layers is None else self.ffn_params // self.layers * moe_layers
+        return max(1, math.floor((experts - 1) * ffn / self.block_params + 0.5))
 
     def expanded(self, blocks: int) -> int:
         return self.model_dir((self.params + blocks * self.block_params) * self.width, self.tensors + 9 * blocks)
@@ -173,14 +175,15 @@ def toy_bytes(size: str, shape: Shape) -> int:
 
 
 def stage_bytes(stage: Any, shape: Shape, experts: int, toy_size: str | None, moe_systems: set[str],
-                blocks: int | None = None) -> int:
+                blocks: int | None = None, moe_layers: int | None = None) -> int:
     """Bytes that ``stage`` (a :class:`deltamoe.pipeline.stages.StageRun`) writes: its output and run directory.
-    ``blocks``: the block-expansion baseline's new blocks (default: parameter-matched to the experts)."""
+    ``blocks``: the block-expansion baseline's new blocks (default: parameter-matched to the experts
+    of ``moe_layers`` upcycled layers, default all)."""
     if stage.kind == "toy_build":
         return toy_bytes(toy_size or "small", shape)
     if stage.kind == "eval":
         return _EVAL_BYTES + (_PLOT_BYTES if stage.inputs.get("model") in moe_systems else 0)
-    n_blocks = blocks or shape.blocks_matching(experts)
+    n_blocks = blocks or shape.blocks_matching(experts, moe_layers)
     if stage.name in MOE_STAGES:
         out = shape.moe(experts)
     elif stage.name in EXPANDED_STAGES:
@@ -225,10 +228,13 @@ def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> d
     c = _base_config(recipe, recipe_dir)
     if c is None:
         return {s.name: None for s in stages}
+    from deltamoe.ops.upcycle import parse_layers
+
     shape = Shape.from_config(c)
     toy = recipe.toy.size if recipe.toy else None
-    return {s.name: stage_bytes(s, shape, recipe.upcycle.experts, toy, set(MOE_STAGES), recipe.block_expansion.blocks)
-            for s in stages}
+    moe_layers = len(parse_layers(recipe.upcycle.layers, shape.layers))
+    return {s.name: stage_bytes(s, shape, recipe.upcycle.experts, toy, set(MOE_STAGES), recipe.block_expansion.blocks,
+                                moe_layers) for s in stages}
 
 
 def report_estimate(recipe: Recipe, systems: dict[str, str]) -> int:

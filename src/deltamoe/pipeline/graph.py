@@ -122,6 +122,10 @@ def _moe_systems(g: _Graph) -> None:
     if "moe_unallocated" in g.recipe.wanted:
         _moe_chain(g, "unallocated_", "moe_unallocated", unallocated(pp), unallocated(rr) if rr is not None else None)
     if "moe_lpr" in g.recipe.wanted:
+        if rr is not None and g.recipe.train.review == "after_graft":
+            # MoE-LPR reviews its routers on the MoE itself: stage 1's MoE, reviewed, without Δ
+            g.train("router_review", "router_review", rr, "post_pretrain")
+            moe_final = "router_review"
         g.systems["moe_lpr"] = moe_final
 
 
@@ -195,12 +199,13 @@ def _block_expansion(g: _Graph) -> None:
     original blocks (the parameter-matched dense baseline)."""
     if "block_expansion" not in g.recipe.wanted:
         return
-    be, experts, dtype, progress = g.recipe.block_expansion, g.recipe.upcycle.experts, g.recipe.graft.dtype, g.progress
+    be, up, dtype, progress = g.recipe.block_expansion, g.recipe.upcycle, g.recipe.graft.dtype, g.progress
+    experts = up.experts
 
     def do_expand(inp: dict[str, Path], out: Path) -> None:
         from deltamoe.ops.expand import blocks_matching, expand_blocks
 
-        blocks = be.blocks or blocks_matching(inp["dense"], experts)
+        blocks = be.blocks or blocks_matching(inp["dense"], experts, up.layers)
         expand_blocks(inp["dense"], out, blocks=blocks, progress=progress)
 
     def do_graft_expanded(inp: dict[str, Path], out: Path) -> None:
@@ -208,7 +213,9 @@ def _block_expansion(g: _Graph) -> None:
 
         graft_expanded(inp["model"], out, base=inp["base"], post=inp["post"], dtype=dtype, progress=progress)
 
-    g.add("expand", "expand", {"blocks": be.blocks or f"match:{experts}"}, {"dense": g.base_ref}, do_expand)
+    # matched to the MoE's new experts: the key names the upcycled layers where they are not all
+    match = f"match:{experts}" if up.layers.strip().lower() == "all" else f"match:{experts}:layers={up.layers}"
+    g.add("expand", "expand", {"blocks": be.blocks or match}, {"dense": g.base_ref}, do_expand)
     g.train("expand_cpt", "dense_cpt", expansion_spec(g.recipe), "expand")
     g.add("block_expansion", "graft", {"target": "expanded", "dtype": dtype},
           {"model": "expand_cpt", "base": g.base_ref, "post": g.post_ref}, do_graft_expanded)
