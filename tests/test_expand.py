@@ -93,6 +93,10 @@ def test_blocks_matching_counts_the_upcycled_layers_only(dense_model, tmp_path: 
     assert abs(n * block - new) <= block / 2
     code, text = _cli("expand", dense, tmp_path / "exp", "--match-experts", 4, "--match-layers", "1-2", "-q")
     assert code == 0 and "4 new blocks" in text, text
+    from deltamoe.pipeline.accounting import parameter_match
+
+    match = parameter_match(tmp_path / "exp", tmp_path / "moe", dense)  # layer 0's frozen copies not counted
+    assert match["moe_added_params"] == new + 2 * 4 * 32 and match["added_params"] == 4 * block
     code, text = _cli("expand", dense, tmp_path / "exp2", "--blocks", 2, "--match-layers", "1-2", "-q")
     assert code == 1 and "--match-layers goes with --match-experts" in text and not (tmp_path / "exp2").exists()
 

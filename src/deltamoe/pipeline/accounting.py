@@ -72,7 +72,9 @@ def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
 
 def parameter_match(expanded: Path, moe: Path, base: Path) -> dict[str, Any]:
     """What the block-expansion baseline adds to B against what the upcycle adds (its new experts
-    and routers), counted from the checkpoints' headers."""
+    and routers), counted from the checkpoints' headers. The identical frozen experts and the zero
+    router of a layer that a Mixtral upcycle keeps dense (``replicated_layers``) add no trained
+    parameters and are not counted."""
     from deltamoe.io import Checkpoint
 
     def total(p: Path) -> int:
@@ -80,7 +82,13 @@ def parameter_match(expanded: Path, moe: Path, base: Path) -> dict[str, Any]:
 
     n_base = total(base)
     info = json.loads((expanded / "deltamoe.json").read_text())["expand"]
-    added, moe_added = total(expanded) - n_base, total(moe) - n_base
+    m = Checkpoint(moe)
+    block = json.loads((moe / "deltamoe.json").read_text())["moe"]
+    names = block["names"]
+    frozen = sum(math.prod(m.spec(names["expert_ffn"][r].format(layer=layer, expert=e)).shape)
+                 for layer in block.get("replicated_layers", []) for e in block["new_experts"] for r in ("gate", "up", "down"))
+    frozen += sum(math.prod(m.spec(names["router"].format(layer=layer)).shape) for layer in block.get("replicated_layers", []))
+    added, moe_added = total(expanded) - n_base, total(moe) - n_base - frozen
     return {"blocks": info["new_blocks"], "new_layers": info["new_layers"], "base_params": n_base,
             "added_params": added, "moe_added_params": moe_added, "ratio": added / moe_added}
 
