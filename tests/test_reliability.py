@@ -175,7 +175,7 @@ def _models(tmp: Path, base: str, post: str):
 
 
 @pytest.mark.parametrize("case", ["workdir-file", "base-missing", "post-missing", "experts-nwe", "experts-09",
-                                  "budget-no-steps", "unsupported-model"])
+                                  "budget-no-steps", "unsupported-model", "layers-out-of-range"])
 def test_dry_run_refuses_what_the_run_would_fail_on(case: str, dense_model, tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text('{"text": "x"}\n')
     good = str(dense_model("llama-tied"))
@@ -198,6 +198,8 @@ def test_dry_run_refuses_what_the_run_would_fail_on(case: str, dense_model, tmp_
             rr["data"]["sources"] = [{k: v for k, v in src.items() if k != "weight"} | {"tokens": 4096}
                                      for src in rr["data"]["sources"]]
         words = ["train.router_review.train.steps", "budget_matched needs explicit steps"]
+    elif case == "layers-out-of-range":  # the micro toy's base has two layers
+        mutate, words = (lambda r: r["upcycle"].update(layers="1-3")), ["upcycle.layers", "[2, 3] out of range"]
     elif case == "unsupported-model":
         bert = tmp_path / "bert"
         bert.mkdir()

@@ -209,7 +209,7 @@ def report_bytes(systems: int, languages: int, moe_systems: int) -> int:
     return 8_000 + _RESULT_BYTES * systems * languages + _PLOT_BYTES * (3 + moe_systems)
 
 
-def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
+def base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
     """B's config without downloading B: the toy size, a local directory, or the local Hub cache."""
     if recipe.toy is not None:
         from deltamoe.toy import SIZES
@@ -233,7 +233,7 @@ def _base_config(recipe: Recipe, recipe_dir: Path) -> dict[str, Any] | None:
 
 def estimate_disk(stages: list[StageRun], recipe: Recipe, recipe_dir: Path) -> dict[str, int | None]:
     """Bytes each stage writes, or None where B's config is not known."""
-    c = _base_config(recipe, recipe_dir)
+    c = base_config(recipe, recipe_dir)
     if c is None:
         return {s.name: None for s in stages}
     from deltamoe.ops.upcycle import parse_layers

@@ -71,6 +71,21 @@ def check_recipe_models(recipe: Recipe, rdir: Path, source: str) -> None:
     if recipe.models is not None:
         for role in ("base", "post"):
             _check_model(getattr(recipe.models, role), rdir, f"{source}: models.{role}")
+    _check_upcycle_layers(recipe, rdir, source)
+
+
+def _check_upcycle_layers(recipe: Recipe, rdir: Path, source: str) -> None:
+    """upcycle.layers against B's layer count, where B's config is known without a download."""
+    from deltamoe.ops.upcycle import parse_layers
+    from deltamoe.pipeline.accounting import base_config
+
+    config = base_config(recipe, rdir)
+    if config is None or "num_hidden_layers" not in config:
+        return
+    try:
+        parse_layers(recipe.upcycle.layers, int(config["num_hidden_layers"]))
+    except UsageError as err:
+        raise UsageError(f"{source}: upcycle.layers: {str(err).removeprefix('--layers: ')}") from None
 
 
 def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
