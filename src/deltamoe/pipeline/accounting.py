@@ -75,20 +75,21 @@ def parameter_match(expanded: Path, moe: Path, base: Path) -> dict[str, Any]:
     and routers), counted from the checkpoints' headers. The identical frozen experts and the zero
     router of a layer that a Mixtral upcycle keeps dense (``replicated_layers``) add no trained
     parameters and are not counted."""
+    from deltamoe.arch import ROLES
     from deltamoe.io import Checkpoint
+    from deltamoe.io.provenance import read_manifest
 
-    def total(p: Path) -> int:
-        return sum(math.prod(t.spec.shape) for t in Checkpoint(p).tensors.values())
+    def params(ck: Checkpoint, names: list[str] | None = None) -> int:
+        return sum(math.prod(ck.spec(n).shape) for n in (ck.keys() if names is None else names))
 
-    n_base = total(base)
-    info = json.loads((expanded / "deltamoe.json").read_text())["expand"]
-    m = Checkpoint(moe)
-    block = json.loads((moe / "deltamoe.json").read_text())["moe"]
-    names = block["names"]
-    frozen = sum(math.prod(m.spec(names["expert_ffn"][r].format(layer=layer, expert=e)).shape)
-                 for layer in block.get("replicated_layers", []) for e in block["new_experts"] for r in ("gate", "up", "down"))
-    frozen += sum(math.prod(m.spec(names["router"].format(layer=layer)).shape) for layer in block.get("replicated_layers", []))
-    added, moe_added = total(expanded) - n_base, total(moe) - n_base - frozen
+    n_base = params(Checkpoint(base))
+    info = (read_manifest(expanded) or {})["expand"]
+    m, block = Checkpoint(moe), (read_manifest(moe) or {})["moe"]
+    names, replicated = block["names"], block.get("replicated_layers", [])
+    frozen = [names["router"].format(layer=layer) for layer in replicated]
+    frozen += [names["expert_ffn"][r].format(layer=layer, expert=e)
+               for layer in replicated for e in block["new_experts"] for r in ROLES]
+    added, moe_added = params(Checkpoint(expanded)) - n_base, params(m) - n_base - params(m, frozen)
     return {"blocks": info["new_blocks"], "new_layers": info["new_layers"], "base_params": n_base,
             "added_params": added, "moe_added_params": moe_added, "ratio": added / moe_added}
 

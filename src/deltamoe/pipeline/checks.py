@@ -71,10 +71,9 @@ def check_recipe_models(recipe: Recipe, rdir: Path, source: str) -> None:
     if recipe.models is not None:
         for role in ("base", "post"):
             _check_model(getattr(recipe.models, role), rdir, f"{source}: models.{role}")
-    _check_upcycle_layers(recipe, rdir, source)
 
 
-def _check_upcycle_layers(recipe: Recipe, rdir: Path, source: str) -> None:
+def check_upcycle_layers(recipe: Recipe, rdir: Path, source: str) -> None:
     """upcycle.layers against B's layer count, where B's config is known without a download."""
     from deltamoe.ops.upcycle import parse_layers
     from deltamoe.pipeline.accounting import base_config

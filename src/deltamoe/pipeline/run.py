@@ -9,7 +9,8 @@ from typing import Any
 
 from deltamoe.errors import UsageError
 from deltamoe.pipeline.accounting import estimate_disk, parameter_match, report_estimate
-from deltamoe.pipeline.checks import check_disk, check_recipe_inputs, check_recipe_models, check_train_sections
+from deltamoe.pipeline.checks import (check_disk, check_recipe_inputs, check_recipe_models, check_train_sections,
+                                      check_upcycle_layers)
 from deltamoe.pipeline.graph import SYSTEM_ORDER, build_plan, ext_path
 from deltamoe.pipeline.specs import ref_of
 from deltamoe.pipeline.stages import StageRun, ref_path, run_plan
@@ -41,6 +42,7 @@ def _check_recipe(recipe: Recipe, rdir: Path, path: str | Path) -> None:
             raise UsageError(f"{path}: {e}") from None
     check_train_sections(recipe, str(path))
     check_recipe_models(recipe, rdir, str(path))  # before build_plan fingerprints them
+    check_upcycle_layers(recipe, rdir, str(path))  # before the disk estimate counts the MoE layers
 
 
 def _plan_rows(stages: list[StageRun], recipe: Recipe, rdir: Path) -> list[dict[str, Any]]:
