@@ -119,7 +119,7 @@ def test_full_run_cache_and_traceable_numbers(run_dir: Path) -> None:
             own = [sum(r[e] for e in entry["routing"]["allocation"][lang]) for r in top1]
             assert st["allocated"] == pytest.approx(own, abs=1e-6)
             assert entry["allocation_realised"][lang] == pytest.approx(sum(own) / len(own), abs=1e-6)
-            assert cells[1 + i].startswith(f"{st['allocated_mean']:.2f} (")
+            assert cells[1 + i].startswith(f"{st['allocated_mean']:.3f} (")
     for png in ("accuracy", "tradeoff_qa", "tradeoff_mc", "routing-deltamoe", "training_loss"):
         assert (run_dir / "plots" / f"{png}.png").stat().st_size > 1000
     # the second run trains and grafts nothing

@@ -171,7 +171,7 @@ def format_allocation_table(results: dict[str, Any]) -> str:
         for lang in langs:
             st = r["languages"].get(lang)
             cells.append("–" if st is None else
-                         f"{st['mean']:.2f} ({', '.join(f'{v:.2f}' for v in st['layers'])})")
+                         f"{st['mean']:.3f} ({', '.join(f'{v:.2f}' for v in st['layers'])})")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

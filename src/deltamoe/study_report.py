@@ -161,7 +161,7 @@ def _markdown(numbers: dict[str, Any]) -> str:
                   "Share of each language's tokens routed top-1 to its own experts (mean over layers), per seed.", "",
                   "| system | variant | " + " | ".join(langs) + " |", "|---|---|" + "---|" * len(langs)]
         for r in alloc:
-            cells = [", ".join(f"{a[lang]:.2f}" for a in r["allocation"] if a and lang in a) for lang in langs]
+            cells = [", ".join(f"{a[lang]:.3f}" for a in r["allocation"] if a and lang in a) for lang in langs]
             lines.append(f"| {r['label']} | {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
