@@ -131,6 +131,28 @@ def test_cache_keys_follow_parameters_with_the_review_after_the_graft(tmp_path: 
             "dense_cpt_budget"}.isdisjoint(same)
 
 
+def test_flop_matched_cpt_is_keyed_on_the_moe_tokens_only(tmp_path: Path) -> None:
+    """The FLOP-matched dense CPT reads of the MoE's stages only their steps and tokens per step: a
+    review lr or LPR weight leaves it (and its merge and evaluation) cached, a review batch does not."""
+    r = _demo()
+    a = _keys(tmp_path, r)
+    r["train"]["router_review"]["train"]["lr"] = 1.0e-2
+    r["train"]["router_review"]["losses"] = {"lpr": 2.0}
+    r["train"]["post_pretrain"]["train"]["lr"] = 1.0e-3
+    b = _keys(tmp_path, r)
+    budget = {"dense_cpt_budget", "budget_matched", "eval-budget_matched"}
+    assert {k for k in budget if a[k] == b[k]} == budget
+    assert a["deltamoe"] != b["deltamoe"] and a["post_pretrain"] != b["post_pretrain"]
+    r["train"]["router_review"]["train"]["micro_batch_size"] = 8
+    c = _keys(tmp_path, r)
+    assert {k for k in budget if b[k] == c[k]} == set()
+    r["train"]["router_review"]["train"]["micro_batch_size"] = 16
+    r["train"]["router_review"]["data"]["seq_len"] = 32
+    assert _keys(tmp_path, r)["dense_cpt_budget"] not in {a["dense_cpt_budget"], c["dense_cpt_budget"]}
+    r["train"]["router_review"]["data"]["seq_len"] = 64  # 16 x 64 tokens per step, as 8 x 128: the same budget
+    assert _keys(tmp_path, r)["dense_cpt_budget"] == c["dense_cpt_budget"]
+
+
 def test_cli_dry_run_and_missing_recipe(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(SHIPPED[0]), "--dry-run"])

@@ -49,6 +49,14 @@ def _tokens_per_step(train: dict[str, Any], data: dict[str, Any]) -> int:
     return int(per_step) * int(data["seq_len"])
 
 
+def moe_token_counts(recipe: Recipe) -> list[tuple[int | None, int]]:
+    """(steps, tokens per step) of each MoE training stage, stage 1 and the router review: all that
+    the FLOP-matched budget reads of them (so its cache key holds these, not the stages' lr or losses)."""
+    return [(None if spec.train.get("steps") is None else int(spec.train["steps"]),
+             _tokens_per_step(spec.train, spec.data))
+            for spec in (recipe.train.post_pretrain, recipe.train.router_review) if spec is not None]
+
+
 def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
     """Steps of dense CPT with the same training FLOPs as the MoE's stage 1 + stage 2 (see module doc)."""
     c = _param_counts(base)
@@ -56,12 +64,10 @@ def budget_matched_steps(recipe: Recipe, base: Path) -> dict[str, Any]:
     n_moe_layers = c["layers"]  # all layers by default; replicated layers also run K experts
     n_active = c["total"] + (k - 1) * c["ffn_per_layer"] * n_moe_layers + e * c["hidden"] * n_moe_layers
     moe_tokens = 0
-    for spec in (recipe.train.post_pretrain, recipe.train.router_review):
-        if spec is not None:
-            steps = spec.train.get("steps")
-            if steps is None:
-                raise UsageError("budget_matched needs explicit train.steps in every training stage")
-            moe_tokens += int(steps) * _tokens_per_step(spec.train, spec.data)
+    for steps, per_step in moe_token_counts(recipe):
+        if steps is None:
+            raise UsageError("budget_matched needs explicit train.steps in every training stage")
+        moe_tokens += steps * per_step
     dense_train = {**recipe.train.post_pretrain.train, **recipe.dense_cpt.train}
     dense_data = recipe.dense_cpt.data or recipe.train.post_pretrain.data
     flops_moe = 6 * n_active * moe_tokens

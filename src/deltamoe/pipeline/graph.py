@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltamoe.pipeline.accounting import budget_matched_steps, moe_token_counts
 from deltamoe.pipeline.specs import (ceiling_lm_files, ceiling_params, dense_spec, expansion_spec, moe_specs, ref_of,
                                      train_config, unallocated)
 from deltamoe.pipeline.stages import StageRun, fingerprint, resolve_keys
@@ -176,7 +177,6 @@ def _budget_matched(g: _Graph) -> None:
     recipe, progress, spec = g.recipe, g.progress, dense_spec(g.recipe)
 
     def budget_cpt(inp: dict[str, Path], out: Path) -> None:
-        from deltamoe.pipeline.accounting import budget_matched_steps
         from deltamoe.train import train
 
         budget = budget_matched_steps(recipe, inp["model"])
@@ -186,7 +186,7 @@ def _budget_matched(g: _Graph) -> None:
         (run_dir_of(out) / "budget.json").write_text(json.dumps(budget, indent=2))
 
     g.add("dense_cpt_budget", "train", {"stage": "dense_cpt", "budget": "moe_flops", **spec,
-                                        "moe": list(moe_specs(recipe)), "upcycle": _upcycle_params(recipe),
+                                        "moe_tokens": moe_token_counts(recipe), "upcycle": _upcycle_params(recipe),
                                         "seed": recipe.seed},
           {"model": g.base_ref, **g.toy_role}, budget_cpt)
     g.add("budget_matched", "merge", {"method": "paramdelta"},
