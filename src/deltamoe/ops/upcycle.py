@@ -46,8 +46,9 @@ _NOISE_BLOCK = 2**18  # elements of noise generated at a time (1 MiB in float32)
 _LANG = re.compile(r"^[A-Za-z][\w-]*$")
 
 
-def parse_layers(text: str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """``None``/``"all"`` -> every layer; ``"0-3,8"`` or a list of ints -> those layers."""
+def parse_layers(text: str | Sequence[int] | None, num_layers: int, field: str = "--layers") -> list[int]:
+    """``None``/``"all"`` -> every layer; ``"0-3,8"`` or a list of ints -> those layers. Errors name
+    ``field`` (the CLI option, or a recipe's ``upcycle.layers``)."""
     if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
         return list(range(num_layers))
     if isinstance(text, str):
@@ -55,18 +56,18 @@ def parse_layers(text: str | Sequence[int] | None, num_layers: int) -> list[int]
         for part in filter(None, (p.strip() for p in text.split(","))):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not m:
-                raise UsageError(f"--layers: cannot parse {part!r}; use e.g. 'all', '0-7' or '0,2,4-6'")
+                raise UsageError(f"{field}: cannot parse {part!r}; use e.g. 'all', '0-7' or '0,2,4-6'")
             lo, hi = int(m[1]), int(m[2] or m[1])
             if hi < lo:
-                raise UsageError(f"--layers: empty range {part!r}")
+                raise UsageError(f"{field}: empty range {part!r}")
             layers.extend(range(lo, hi + 1))
     else:
         layers = [int(x) for x in text]
     bad = sorted({x for x in layers if not 0 <= x < num_layers})
     if bad:
-        raise UsageError(f"--layers: {bad} out of range; the model has layers 0..{num_layers - 1}")
+        raise UsageError(f"{field}: {bad} out of range; the model has layers 0..{num_layers - 1}")
     if not layers:
-        raise UsageError("--layers: selects no layer")
+        raise UsageError(f"{field}: selects no layer")
     return sorted(set(layers))
 
 

@@ -81,10 +81,7 @@ def check_upcycle_layers(recipe: Recipe, rdir: Path, source: str) -> None:
     config = base_config(recipe, rdir)
     if config is None or "num_hidden_layers" not in config:
         return
-    try:
-        parse_layers(recipe.upcycle.layers, int(config["num_hidden_layers"]))
-    except UsageError as err:
-        raise UsageError(f"{source}: upcycle.layers: {str(err).removeprefix('--layers: ')}") from None
+    parse_layers(recipe.upcycle.layers, int(config["num_hidden_layers"]), f"{source}: upcycle.layers")
 
 
 def _train_sections(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
