@@ -102,3 +102,28 @@ def test_a_file_cut_short_after_its_header_is_named(ckpt: Checkpoint) -> None:
             assert reader._mapped is (reader is not plain)  # the mapped reader failed mapped, not by falling back
         finally:
             reader.close()
+
+
+def test_pooled_results_are_reused_only_once_freed() -> None:
+    from deltamoe.arith import POOL, diff32
+
+    POOL.clear()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, 77, generator=g).bfloat16(), torch.randn(300, 77, generator=g).bfloat16()
+    d = diff32(a, b)
+    assert torch.equal(d, a.float() - b.float())
+    held = d[5:]  # a view keeps the buffer: the next result must not share it
+    del d
+    gc.collect()
+    e = diff32(b, a)
+    assert e.data_ptr() != held.data_ptr() - 5 * 77 * 4
+    assert torch.equal(held, (a.float() - b.float())[5:])  # untouched by the second result
+    ptr = e.data_ptr()
+    del e
+    gc.collect()
+    assert len(POOL.free) == 1
+    f = diff32(a, a)
+    assert f.data_ptr() == ptr and not f.any()  # the freed buffer is reused
+    big = diff32(torch.ones(2**20 + 1), torch.zeros(2**20 + 1))  # larger than a chunk: allocated
+    assert big.shape == (2**20 + 1,) and bool((big == 1).all())
+    POOL.clear()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # Elements of one scratch buffer, and of one of the engine's recycled output buffers: one chunk of
@@ -56,6 +58,47 @@ class _Scratch(threading.local):
 SCRATCH = _Scratch()
 
 
+class _Pool:
+    """Chunk-sized float32 buffers for results that outlive the step computing them (a delta chunk
+    shared by the experts of a layer, a piece waiting for the writer), reused once freed.
+
+    Each result is a view of a pooled buffer; the buffer goes back to the pool when the last tensor
+    using it is freed, which is tracked exactly: the tensor's storage holds a numpy view of the
+    buffer, and that view's finalizer returns the buffer. Measured on the bench's 8-expert graft, a
+    fresh 4 MB result per chunk of P - B cost 1.0 s of its 1.8 s (page faults of new mappings).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.free: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def empty(self, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``shape`` (from the pool when it fits a chunk)."""
+        n = math.prod(shape)
+        if n > SCRATCH_ELEMS:
+            return torch.empty(tuple(shape), dtype=torch.float32)
+        with self.lock:
+            base = self.free.pop() if self.free else None
+        if base is None:
+            base = np.empty(SCRATCH_ELEMS, dtype=np.float32)
+        view = base[:n]
+        weakref.finalize(view, self._give_back, base)
+        return torch.from_numpy(view).view(tuple(shape))
+
+    def _give_back(self, base: np.ndarray) -> None:
+        with self.lock:
+            if len(self.free) < self.keep:
+                self.free.append(base)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+
+POOL = _Pool()
+
+
 def _f32_operand(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float32 for immediate use as an operand (a scratch copy; ``t`` itself if float32)."""
     if t.dtype == torch.float32:
@@ -68,9 +111,10 @@ def _f32_operand(t: torch.Tensor) -> torch.Tensor:
 # mixed-dtype arithmetic (bf16 + f32) take a scalar slow path, ~10x slower than converting first.
 def diff32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a - b`` in float32 as a new tensor (never modifies the inputs, which steps may share)."""
+    out = POOL.empty(a.shape)
     if a.dtype == torch.float32:
-        return torch.sub(a, _f32_operand(b))
-    return a.float().sub_(_f32_operand(b))
+        return torch.sub(a, _f32_operand(b), out=out)
+    return out.copy_(a).sub_(_f32_operand(b))
 
 
 def add32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, *, scratch: bool = False) -> torch.Tensor:

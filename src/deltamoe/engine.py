@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltamoe._memory import return_large_frees_to_os
-from deltamoe.arith import SCRATCH, SCRATCH_ELEMS
+from deltamoe.arith import POOL, SCRATCH, SCRATCH_ELEMS
 from deltamoe.io import Checkpoint, ShardedWriter, TensorSpec, torch_dtype
 from deltamoe.errors import CheckpointError
 
@@ -330,6 +330,7 @@ def run_steps(
         run.run()
     finally:
         SCRATCH.clear()
+        POOL.clear()
         torch.set_num_threads(threads)
         run.close()
 
