@@ -333,6 +333,57 @@ def test_cancel_hashing_drops_the_files_not_yet_hashed(dense_model, tmp_path: Pa
     assert 0 < len(hashed) <= workers < n_files  # only the files already being hashed were finished
 
 
+
+def test_prehash_is_taken_over_and_abandoned(dense_model, tmp_path: Path, monkeypatch) -> None:
+    """The command line's prehash covers exactly the files provenance hashes (taken over, not hashed
+    again, same descriptions); a changed file is hashed afresh; an abandoned prehash stops mid-file."""
+    import threading
+
+    import deltamoe.filehash as fh
+    import deltamoe.io.provenance as prov
+    from deltamoe.io import Checkpoint
+
+    monkeypatch.setenv("DELTAMOE_HASH_CACHE", "0")
+    w = _world(dense_model, tmp_path, "llama-untied-gqa")
+    ckpts = [Checkpoint(w[k]) for k in ("M", "B", "P")]
+    fh.prehash([str(w["M"]), str(w["B"]), f"{w['P']}:0.5", "not/a-local-dir", None])
+    assert len(fh._started) == sum(len(prov._weight_files(c)) for c in ckpts)
+    monkeypatch.setattr(prov, "sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+    got = prov.hash_in_background(*ckpts).result()
+    monkeypatch.undo()
+    monkeypatch.setenv("DELTAMOE_HASH_CACHE", "0")
+    assert got == [prov.describe_checkpoint(c) for c in ckpts] and not fh._started
+
+    fh.prehash([str(w["B"])])
+    cfg = w["B"] / "config.json"
+    cfg.write_text(cfg.read_text() + " ")  # changed since: its prehash is not used
+    assert fh.take_started(cfg) is None
+    fh.abandon()
+    assert not fh._started
+
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text("{}")
+    (big / "model.safetensors").write_bytes(b"\0" * (64 * 2**20))
+    entered, release = threading.Event(), threading.Event()
+    real = fh._sha256_file
+
+    def gated(path, stop=None):
+        if str(path).endswith(".safetensors"):
+            entered.set()
+            release.wait(10)
+        return real(path, stop)
+
+    monkeypatch.setattr(fh, "_sha256_file", gated)
+    fh.prehash([str(big)])
+    futures = [f for f, _ in fh._started.values()]
+    assert entered.wait(10)
+    fh.abandon()  # while the shard is being hashed
+    release.set()
+    with pytest.raises(fh._Abandoned):
+        next(f for f in futures if not f.cancelled() and f.exception(timeout=10)).result()
+
+
 # -- bad input: a clear error naming the tensor or file, exit 1, nothing written ---------------
 def _graft_cli(out: Path, *args: str) -> tuple[int, str]:
     res = runner.invoke(app, ["graft", str(out), *args, "-q"])

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from deltamoe.choices import METHODS, NEW_ROWS, OUTPUT_DTYPES, RESCALES, ROUTER_INITS
+from deltamoe.filehash import abandon
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,8 @@ def reports_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; no output was written", err=True)
             raise typer.Exit(130) from None
+        finally:
+            abandon()  # inputs hashed ahead that the command did not take over (it failed first)
 
     return wrapper  # type: ignore[return-value]
 

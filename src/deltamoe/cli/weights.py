@@ -21,6 +21,7 @@ from deltamoe.cli.common import (
     parse_size,
     reports_errors,
 )
+from deltamoe.filehash import prehash
 
 
 @reports_errors
@@ -49,6 +50,7 @@ def upcycle(
     quiet: Quiet = False,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts whose expert 0 is the original FFN."""
+    prehash([dense])
     from deltamoe.ops.upcycle import parse_allocation
     from deltamoe.ops.upcycle import upcycle as run
 
@@ -145,6 +147,7 @@ def graft(
     quiet: Quiet = False,
 ) -> None:
     """Graft the post-training delta P - B onto an upcycled MoE: M + expand(P - B), or M + expand(sum of w_i delta_i)."""
+    prehash([moe, base, *(post or [])])  # while torch is imported
     from deltamoe.ops.graft import graft as run
 
     path = run(
@@ -194,6 +197,7 @@ def merge(
     quiet: Quiet = False,
 ) -> None:
     """Dense data-free merge baselines: paramdelta (C + P - B), task_arithmetic, ties, dare_linear, dare_ties."""
+    prehash([*model, base, *(post or [])])
     from deltamoe.ops.merge import merge as run
 
     path = run(
@@ -241,6 +245,7 @@ def delta_extract(
     quiet: Quiet = False,
 ) -> None:
     """Write P - B once (with P's tokenizer, chat template and provenance) for grafting onto many MoEs."""
+    prehash([base, post])
     from deltamoe.ops.extract import extract_delta
     from deltamoe.errors import UsageError
 

@@ -13,72 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from deltamoe import __version__
+from deltamoe.filehash import _HASH_THREADS, _yield_the_cpu, sha256_file, take_started
 from deltamoe.io import CONFIG_NAME, INDEX_NAME, Checkpoint
 from deltamoe.errors import CheckpointError
 
 MANIFEST_NAME = "deltamoe.json"
 FORMAT_VERSION = 1
-_CHUNK = 2**20
-_HASH_THREADS = 4  # files hashed at once, at most (and at most one per core)
-
-
-# Files at least this large have their sha256 cached (see _hash_cache_key).
-_CACHE_MIN_BYTES = 16 * 2**20
-
-
-def _hash_cache_dir() -> Path | None:
-    if os.environ.get("DELTAMOE_HASH_CACHE", "1") == "0":
-        return None
-    root = os.environ.get("DELTAMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deltamoe"
-    )
-    return Path(root) / "sha256"
-
-
-def _hash_cache_key(path: str | os.PathLike[str]) -> tuple[str, os.stat_result]:
-    # Like git's index: a file whose path, inode, size, mtime and ctime are unchanged has
-    # unchanged contents. ctime cannot be set back by user tools, so a rewrite always misses.
-    st = os.stat(path)
-    ident = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
-    return hashlib.sha256(ident.encode()).hexdigest(), st
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file; large files' digests are cached by stat identity (DELTAMOE_HASH_CACHE=0 disables).
-
-    Grafting one delta onto many MoEs, or re-running a recipe, then hashes the unchanged base
-    and post-trained models once instead of on every run.
-    """
-    cache = _hash_cache_dir()
-    key, st = _hash_cache_key(path)
-    entry = cache / key if cache is not None and st.st_size >= _CACHE_MIN_BYTES else None
-    if entry is not None:
-        try:
-            cached = entry.read_text().strip()
-            if len(cached) == 64:
-                return cached
-        except (OSError, UnicodeDecodeError):
-            pass
-    digest = _sha256_file(path)
-    if entry is not None and _hash_cache_key(path)[0] == key:  # unchanged while we read it
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}")
-            tmp.write_text(digest + "\n")
-            os.replace(tmp, entry)
-        except OSError:
-            pass  # a read-only cache only costs speed
-    return digest
-
-
-def _sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)  # one reused 1 MiB buffer (larger ones hash no faster here)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])  # hashlib releases the GIL on large buffers: runs beside the main work
-    return h.hexdigest()
 
 
 def _weight_files(ckpt: Checkpoint) -> list[str]:
@@ -102,23 +42,15 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     return _describe(ckpt, {n: sha256_file(ckpt.path / n) for n in _weight_files(ckpt)})
 
 
-def _yield_the_cpu() -> None:
-    # Linux keeps a nice value per thread: at 19 the hashing threads take the cycles that the work
-    # they run beside leaves idle and finish on every core once it is done, instead of taking a
-    # fair share from its critical thread (measured on 2 cores: docs/design.md#input-hashing).
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not permitted: hashing runs at normal priority
-
-
 def hash_in_background(*ckpts: Checkpoint) -> Future[list[dict[str, Any]]]:
     """Start hashing the inputs' files on low-priority worker threads (one file per task, in input
     order); the caller collects the descriptions, as :func:`describe_checkpoint` gives them, at the end."""
     workers = max(1, min(_HASH_THREADS, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltamoe-sha256", initializer=_yield_the_cpu)
     names = [_weight_files(c) for c in ckpts]
-    digests = [[pool.submit(sha256_file, c.path / n) for n in ns] for c, ns in zip(ckpts, names)]
+    # files whose hashing the command line started before importing torch (filehash.prehash) are taken over
+    digests = [[take_started(c.path / n) or pool.submit(sha256_file, c.path / n) for n in ns]
+               for c, ns in zip(ckpts, names)]
     pool.shutdown(wait=False)
     waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltamoe-sha256-collect")
     result = waiter.submit(lambda: [_describe(c, {n: f.result() for n, f in zip(ns, fs)})
