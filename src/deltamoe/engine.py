@@ -7,8 +7,8 @@ them into row ranges of output tensors. Elementwise work (graft, ParamΔ, task a
 delta extraction) is split into row chunks of a few MB, so memory use depends on the chunk
 size and the read-ahead budget, not on the size of the model or of its largest tensor.
 
-Three things run at once: a reader thread ``pread`` s the inputs of the next steps, the calling
-thread computes, and a writer thread ``pwrite`` s finished chunks to their final place in the
+Three things run at once: a reader thread maps the inputs of the next steps (:class:`_Reader`), the
+calling thread computes, and a writer thread ``pwrite`` s finished chunks to their final place in the
 output shards. All three spend their time in system calls or torch kernels that release the
 GIL. Results are computed in float32, checked for NaN/Inf (an error names the input tensor and
 file that holds them) and rounded once, to the planned output dtype, just before writing;
