@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deltamoe import engine
 from deltamoe.engine import Read, _Reader, row_chunks
+from deltamoe.io import ranges
 from deltamoe.errors import CheckpointError
 from deltamoe.io import Checkpoint
 
-# Large enough that every tensor is mapped (engine._MAP_MIN_BYTES), odd sizes so that ranges
+# Large enough that every tensor is mapped (ranges._MAP_MIN_BYTES), odd sizes so that ranges
 # start inside pages and end short of them.
 _SHAPES = {"a.bf16": ((700, 777), torch.bfloat16), "b.f32": ((333, 901), torch.float32),
            "c.i64": ((129, 515), torch.int64), "d.f16": ((1, 3), torch.float16)}
@@ -65,7 +65,7 @@ def test_mapped_reads_equal_pread(ckpt: Checkpoint) -> None:
             assert a.dtype == b.dtype and a.shape == b.shape, r
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), r
         # every read of at least _MAP_MIN_BYTES was mapped (safetensors aligns each tensor to its dtype)
-        assert mapped.maps == sum(r.nbytes >= engine._MAP_MIN_BYTES for r in reads) == 9
+        assert mapped.maps == sum(r.nbytes >= ranges._MAP_MIN_BYTES for r in reads) == 9
     finally:
         mapped.close()
         copied.close()
