@@ -155,7 +155,7 @@ class _Recycled:
 class _Reader(RangeReader):
     """The engine's reads: :class:`Read` s, each mapped or read by :class:`~deltamoe.io.ranges.RangeReader`."""
 
-    def read(self, r: Read) -> torch.Tensor:  # type: ignore[override]
+    def read(self, r: Read) -> torch.Tensor:
         return self.read_rows(r.ckpt, r.name, r.start, r.stop)
 
 
